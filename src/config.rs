@@ -1,0 +1,52 @@
+//! The manager's command line. Flag names follow controller-runtime's conventions so that
+//! operators can carry their muscle memory (and their Helm values) over from Go providers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Cluster API infrastructure provider for libvirt/KVM hosts.
+#[derive(Debug, Parser)]
+#[command(name = "manager", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// What the binary does; running the manager is the default.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controllers and webhooks (the default).
+    Run,
+    /// Print the versions of the manager, the libvirt library and the hypervisor, then exit.
+    Version,
+}
+
+/// Settings of a running manager.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Path to a kubeconfig. Without it: in-cluster config, then $KUBECONFIG, then ~/.kube/config.
+    #[arg(long, env = "KUBECONFIG", global = true)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Address the health probe endpoint (/healthz, /readyz) binds to.
+    #[arg(long, default_value = "127.0.0.1:9440", global = true)]
+    pub health_probe_bind_address: SocketAddr,
+
+    /// Libvirt connection URI used when a LibvirtCluster names no host of its own
+    /// (e.g. qemu:///system, or test:///default for the in-process test driver).
+    #[arg(long, default_value = "test:///default", global = true)]
+    pub libvirt_uri: String,
+
+    /// Only watch objects in this namespace (all namespaces when empty).
+    #[arg(long, default_value = "", global = true)]
+    pub namespace: String,
+
+    /// Only reconcile objects whose `cluster.x-k8s.io/watch-filter` label has this value.
+    #[arg(long, default_value = "", global = true)]
+    pub watch_filter: String,
+}

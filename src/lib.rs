@@ -1,0 +1,15 @@
+//! cluster-api-provider-libvirt: a Cluster API infrastructure provider for libvirt/KVM hosts.
+//!
+//! The `manager` binary is the only entry point at run time; this library holds everything it runs,
+//! one module per concern:
+//!
+//! - [`config`]: the command line, in controller-runtime's flag style;
+//! - [`health`]: the `/healthz` and `/readyz` probe server;
+//! - [`libvirt`]: the only code that talks to hypervisors;
+//! - [`telemetry`]: logging set-up.
+
+pub mod config;
+pub mod health;
+pub mod libvirt;
+pub mod manager;
+pub mod telemetry;

@@ -1,0 +1,124 @@
+//! The only code that talks to hypervisors. Calls into libvirt are blocking FFI: callers on the
+//! async runtime go through [`tokio::task::spawn_blocking`].
+
+use std::fmt;
+use std::sync::Once;
+
+use virt::connect::Connect;
+
+/// Errors of the libvirt layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to libvirt at {uri}: {source}")]
+    Connect {
+        uri: String,
+        #[source]
+        source: virt::error::Error,
+    },
+    #[error("libvirt call {call} on {uri}: {source}")]
+    Call {
+        call: &'static str,
+        uri: String,
+        #[source]
+        source: virt::error::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A version number as libvirt encodes it (`major * 1_000_000 + minor * 1_000 + release`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version(pub u32);
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        write!(f, "{}.{}.{}", v / 1_000_000, (v / 1_000) % 1_000, v % 1_000)
+    }
+}
+
+/// What a host runs: the libvirt library, its driver and the hypervisor behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostVersions {
+    /// Version of the libvirt library serving the connection.
+    pub libvirt: Version,
+    /// Driver name, e.g. `QEMU` or `TEST`.
+    pub driver: String,
+    /// Version of the hypervisor (QEMU's version for the QEMU driver).
+    pub hypervisor: Version,
+}
+
+impl fmt::Display for HostVersions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "libvirt {} ({} driver, hypervisor {})",
+            self.libvirt, self.driver, self.hypervisor
+        )
+    }
+}
+
+/// One open connection to one libvirt host.
+pub struct Host {
+    uri: String,
+    conn: Connect,
+}
+
+impl fmt::Debug for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Host").field("uri", &self.uri).finish()
+    }
+}
+
+impl Host {
+    /// Opens a connection (blocking). Libvirt's own error printing to stderr is switched off:
+    /// errors reach callers as values and are logged once, by them.
+    pub fn open(uri: &str) -> Result<Self> {
+        static QUIET: Once = Once::new();
+        QUIET.call_once(virt::error::clear_error_callback);
+        let conn = Connect::open(Some(uri)).map_err(|source| Error::Connect {
+            uri: uri.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            uri: uri.to_owned(),
+            conn,
+        })
+    }
+
+    /// The URI this host was opened with.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The underlying connection, for the backend's own modules.
+    pub fn connection(&self) -> &Connect {
+        &self.conn
+    }
+
+    /// Versions of the library, driver and hypervisor behind this connection.
+    pub fn versions(&self) -> Result<HostVersions> {
+        let call = |call, source| Error::Call {
+            call,
+            uri: self.uri.clone(),
+            source,
+        };
+        let libvirt = self
+            .conn
+            .lib_version()
+            .map_err(|e| call("virConnectGetLibVersion", e))?;
+        let driver = self
+            .conn
+            .driver_type()
+            .map_err(|e| call("virConnectGetType", e))?;
+        let hypervisor = self
+            .conn
+            .hyp_version()
+            .map_err(|e| call("virConnectGetVersion", e))?;
+        Ok(HostVersions {
+            libvirt: Version(libvirt),
+            driver,
+            hypervisor: Version(hypervisor),
+        })
+    }
+}

@@ -1,0 +1,25 @@
+use clap::Parser;
+
+use capl::config::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    capl::telemetry::init();
+    // One TLS crypto provider for the whole process (kube's client and our servers).
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => capl::manager::run(cli.run).await,
+        Command::Version => {
+            println!("manager {}", env!("CARGO_PKG_VERSION"));
+            let host = capl::manager::probe_libvirt(&cli.run.libvirt_uri).await?;
+            println!("{host}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Wiring of a running manager: connects to the Kubernetes API and the default libvirt host, serves
+//! the health probes and runs until SIGTERM/SIGINT.
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use crate::config::RunArgs;
+use crate::health::{self, Readiness};
+use crate::libvirt::{Host, HostVersions};
+
+/// Builds a Kubernetes client from `--kubeconfig` or the usual inference chain.
+pub async fn kube_client(args: &RunArgs) -> anyhow::Result<kube::Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Opens the default libvirt host off the async runtime and reports what it runs.
+pub async fn probe_libvirt(uri: &str) -> anyhow::Result<HostVersions> {
+    let uri = uri.to_owned();
+    let versions = tokio::task::spawn_blocking(move || Host::open(&uri)?.versions()).await??;
+    Ok(versions)
+}
+
+/// Runs the manager until a shutdown signal arrives.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let readiness = Readiness::default();
+
+    let health = tokio::spawn(health::serve(
+        args.health_probe_bind_address,
+        readiness.clone(),
+        wait_for(stop_rx.clone()),
+    ));
+
+    let client = kube_client(&args).await?;
+    let server = client
+        .apiserver_version()
+        .await
+        .context("reaching the Kubernetes API")?;
+    tracing::info!(version = %server.git_version, "connected to the Kubernetes API");
+    let host = probe_libvirt(&args.libvirt_uri).await?;
+    tracing::info!(uri = %args.libvirt_uri, %host, "connected to libvirt");
+    readiness.set_ready();
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    health.await??;
+    Ok(())
+}
+
+async fn wait_for(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(term) => term,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the manager");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

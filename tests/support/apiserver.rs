@@ -1,0 +1,237 @@
+//! A real Kubernetes control plane on loopback: etcd + kube-apiserver, built from the pinned Go
+//! modules, with generated certificates and an admin kubeconfig.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::certs::{self, Ca};
+use super::process::{Lifetime, Proc, poll};
+use super::tools::Tools;
+
+/// etcd and kube-apiserver, listening on 127.0.0.1 only.
+pub struct ControlPlane {
+    /// `https://127.0.0.1:<port>`
+    pub url: String,
+    /// Admin kubeconfig (user `admin` in group `system:masters`).
+    pub kubeconfig: PathBuf,
+    /// The CA every certificate of the bed chains to.
+    pub ca: Ca,
+    pub ca_file: PathBuf,
+    pub dir: PathBuf,
+    kubectl: PathBuf,
+    /// Stopped in reverse order: apiserver first, then etcd.
+    procs: Vec<Proc>,
+}
+
+/// A free TCP port on 127.0.0.1 (the OS picks it; the small race with other binds is accepted).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver under `dir` and waits until `/readyz` answers.
+    pub fn start(tools: &Tools, dir: &Path, lifetime: Lifetime) -> Result<Self> {
+        let pki = dir.join("pki");
+        std::fs::create_dir_all(&pki)?;
+        let ca = Ca::new("capl-testbed-ca")?;
+        let ca_file = pki.join("ca.crt");
+        ca.write(&ca_file)?;
+        let serving = ca
+            .server(
+                "kube-apiserver",
+                &["127.0.0.1", "localhost", "kubernetes.default.svc"],
+            )?
+            .write(&pki, "apiserver.crt", "apiserver.key")?;
+        let admin =
+            ca.client("admin", &["system:masters"])?
+                .write(&pki, "admin.crt", "admin.key")?;
+        let (sa_private, sa_public) = certs::key_pair_pem()?;
+        let (sa_key, sa_pub) = (pki.join("sa.key"), pki.join("sa.pub"));
+        std::fs::write(&sa_key, sa_private)?;
+        std::fs::write(&sa_pub, sa_public)?;
+
+        let (etcd_client, etcd_peer, secure_port) = (free_port()?, free_port()?, free_port()?);
+        let mut procs = Vec::new();
+
+        let mut etcd = Command::new(&tools.etcd);
+        let client_url = format!("http://127.0.0.1:{etcd_client}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer}");
+        etcd.arg("--name=capl")
+            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=capl={peer_url}"))
+            .arg("--unsafe-no-fsync=true")
+            .arg("--log-level=warn");
+        procs.push(Proc::spawn("etcd", etcd, &dir.join("etcd.log"), lifetime)?);
+
+        let mut apiserver = Command::new(&tools.kube_apiserver);
+        apiserver
+            .arg(format!("--etcd-servers={client_url}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--secure-port={secure_port}"))
+            .arg(format!("--cert-dir={}", pki.display()))
+            .arg(format!("--tls-cert-file={}", serving.cert.display()))
+            .arg(format!("--tls-private-key-file={}", serving.key.display()))
+            .arg(format!("--client-ca-file={}", ca_file.display()))
+            .arg(format!("--service-account-key-file={}", sa_pub.display()))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                sa_key.display()
+            ))
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg("--service-cluster-ip-range=10.96.0.0/24")
+            .arg("--authorization-mode=RBAC")
+            .arg("--allow-privileged=true")
+            .arg("--endpoint-reconciler-type=none")
+            .arg("--enable-priority-and-fairness=false")
+            .arg("--profiling=false")
+            .arg("--v=1");
+        procs.push(Proc::spawn(
+            "kube-apiserver",
+            apiserver,
+            &dir.join("kube-apiserver.log"),
+            lifetime,
+        )?);
+
+        let url = format!("https://127.0.0.1:{secure_port}");
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            admin_kubeconfig(&url, &ca_file, &admin.cert, &admin.key),
+        )?;
+
+        let mut plane = Self {
+            url,
+            kubeconfig,
+            ca,
+            ca_file,
+            dir: dir.to_owned(),
+            kubectl: tools.kubectl.clone(),
+            procs,
+        };
+        plane.wait_ready()?;
+        Ok(plane)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        poll(
+            "kube-apiserver /readyz",
+            Duration::from_secs(90),
+            Duration::from_millis(250),
+            || {
+                for proc in &mut self.procs {
+                    proc.check_running()?;
+                }
+                let out = self.kubectl(&["get", "--raw", "/readyz"])?;
+                Ok(out.status.success().then_some(()))
+            },
+        )
+    }
+
+    /// Runs the real `kubectl` against this plane.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        kubectl(&self.kubectl, &self.kubeconfig, args, None)
+    }
+
+    /// Runs `kubectl` with `stdin` piped in.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<Output> {
+        kubectl(&self.kubectl, &self.kubeconfig, args, Some(stdin))
+    }
+
+    /// Runs `kubectl` and fails with its stderr unless it succeeds; returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl(args)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Pids of the processes, in start order (for the shell face's state file).
+    pub fn detach(mut self) -> Vec<(String, u32)> {
+        std::mem::take(&mut self.procs)
+            .into_iter()
+            .map(|proc| (proc.name().to_owned(), proc.detach()))
+            .collect()
+    }
+
+    /// Stops the apiserver, then etcd.
+    pub fn stop(&mut self) {
+        while let Some(mut proc) = self.procs.pop() {
+            proc.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs the real `kubectl` with a kubeconfig.
+pub fn kubectl(
+    kubectl: &Path,
+    kubeconfig: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<Output> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut cmd = Command::new(kubectl);
+    cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let Some(input) = stdin else {
+        return cmd.output().context("running kubectl");
+    };
+    cmd.stdin(Stdio::piped());
+    let mut child = cmd.spawn().context("running kubectl")?;
+    child
+        .stdin
+        .take()
+        .context("kubectl stdin")?
+        .write_all(input.as_bytes())?;
+    Ok(child.wait_with_output()?)
+}
+
+fn admin_kubeconfig(server: &str, ca: &Path, cert: &Path, key: &Path) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Config
+clusters:
+- name: testbed
+  cluster:
+    server: {server}
+    certificate-authority: {ca}
+contexts:
+- name: testbed
+  context:
+    cluster: testbed
+    user: admin
+    namespace: default
+current-context: testbed
+users:
+- name: admin
+  user:
+    client-certificate: {cert}
+    client-key: {key}
+"#,
+        ca = ca.display(),
+        cert = cert.display(),
+        key = key.display(),
+    )
+}

@@ -1,0 +1,221 @@
+//! A real libvirtd + QEMU, isolated from the machine:
+//!
+//! - it runs inside a network namespace the bed creates (`ip netns add`), so its bridges, dnsmasq
+//!   and guests exist only there, and only isolated libvirt networks (no `<forward>`) are used;
+//! - `ip netns exec` also gives it a private mount namespace, in which `/run/libvirt`,
+//!   `/etc/libvirt`, `/var/lib/libvirt`, `/var/log/libvirt` and `/var/cache/libvirt` are replaced by
+//!   the bed's own directories, so it never collides with (or touches) a system libvirtd;
+//! - its client socket lives in the bed's temp dir, reachable from the test process as
+//!   `qemu:///system?socket=<dir>/sock/libvirt-sock`.
+//!
+//! Guests use TCG (`<domain type='qemu'>`): `/dev/kvm` on these machines cannot boot a Linux guest.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::process::{Lifetime, Proc, pid_alive, poll, terminate};
+
+/// Prefix of every network namespace the bed creates: `capl-<owner pid>-<n>`.
+const NETNS_PREFIX: &str = "capl-";
+
+/// A libvirtd running in its own network namespace.
+pub struct Libvirtd {
+    /// The network namespace libvirtd, its networks and its guests live in.
+    pub netns: String,
+    /// Client URI for the test process.
+    pub uri: String,
+    pub dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Libvirtd {
+    /// Starts libvirtd under `dir` and waits until it accepts connections.
+    pub fn start(dir: &Path, lifetime: Lifetime) -> Result<Self> {
+        sweep_stale_namespaces();
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let netns = match lifetime {
+            Lifetime::TestProcess => format!(
+                "{NETNS_PREFIX}{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ),
+            Lifetime::Detached => format!("{NETNS_PREFIX}dev"),
+        };
+        let dir = dir.to_owned();
+        for sub in ["etc", "lib", "log", "cache", "sock", "images"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        std::fs::write(
+            dir.join("etc/libvirtd.conf"),
+            format!(
+                "unix_sock_dir = \"{sock}\"\n\
+                 unix_sock_ro_perms = \"0700\"\n\
+                 unix_sock_rw_perms = \"0700\"\n\
+                 auth_unix_ro = \"none\"\n\
+                 auth_unix_rw = \"none\"\n\
+                 log_outputs = \"3:file:{log}\"\n",
+                sock = dir.join("sock").display(),
+                log = dir.join("libvirtd.log").display(),
+            ),
+        )?;
+        // Root-owned guests without security labelling or cgroups: the bed's guests are tests'
+        // own throwaway VMs, and these machines have neither systemd nor a writable cgroup tree.
+        std::fs::write(
+            dir.join("etc/qemu.conf"),
+            "user = \"root\"\n\
+             group = \"root\"\n\
+             dynamic_ownership = 0\n\
+             remember_owner = 0\n\
+             security_driver = \"none\"\n\
+             namespaces = [ ]\n\
+             cgroup_controllers = [ ]\n\
+             stdio_handler = \"file\"\n",
+        )?;
+
+        run(Command::new("ip").args(["netns", "add", &netns]))
+            .with_context(|| format!("creating network namespace {netns}"))?;
+        let mut this = Self {
+            uri: format!(
+                "qemu:///system?socket={}",
+                dir.join("sock/libvirt-sock").display()
+            ),
+            netns,
+            dir,
+            proc: None,
+        };
+        let script = format!(
+            r#"set -eu
+for d in /run/libvirt /etc/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt; do mkdir -p "$d"; done
+mount -t tmpfs -o mode=0755 tmpfs /run/libvirt
+mount --bind '{dir}/etc' /etc/libvirt
+mount --bind '{dir}/lib' /var/lib/libvirt
+mount --bind '{dir}/log' /var/log/libvirt
+mount --bind '{dir}/cache' /var/cache/libvirt
+ip link set lo up
+exec libvirtd -f /etc/libvirt/libvirtd.conf
+"#,
+            dir = this.dir.display()
+        );
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &this.netns, "sh", "-c", &script]);
+        this.proc = Some(Proc::spawn(
+            "libvirtd",
+            cmd,
+            &this.dir.join("libvirtd.out"),
+            lifetime,
+        )?);
+        this.wait_ready()?;
+        Ok(this)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let uri = self.uri.clone();
+        let proc = self.proc.as_mut().context("libvirtd not started")?;
+        poll(
+            "libvirtd to accept connections",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                proc.check_running()?;
+                Ok(capl::libvirt::Host::open(&uri).ok().map(|_| ()))
+            },
+        )
+    }
+
+    /// Opens a connection to this libvirtd.
+    pub fn connect(&self) -> Result<capl::libvirt::Host> {
+        Ok(capl::libvirt::Host::open(&self.uri)?)
+    }
+
+    /// Directory for disk images the tests create (visible to QEMU in the namespace).
+    pub fn images(&self) -> PathBuf {
+        self.dir.join("images")
+    }
+
+    /// Pids of every process in the namespace (libvirtd, dnsmasq, QEMU).
+    pub fn pids(&self) -> Vec<u32> {
+        netns_pids(&self.netns)
+    }
+
+    /// Detaches for the shell face: `tests/testbed down` stops it by namespace.
+    pub fn detach(mut self) -> String {
+        if let Some(proc) = self.proc.take() {
+            proc.detach();
+        }
+        std::mem::take(&mut self.netns)
+    }
+
+    /// Stops everything in the namespace and deletes it.
+    pub fn stop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.stop(Duration::from_secs(10));
+        }
+        if !self.netns.is_empty() {
+            destroy_namespace(&self.netns);
+        }
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Kills every process in `netns` (libvirtd first, so it restarts nothing) and deletes it.
+pub fn destroy_namespace(netns: &str) {
+    for pid in netns_pids(netns) {
+        terminate(pid, Duration::from_secs(5));
+    }
+    let _ = run(Command::new("ip").args(["netns", "del", netns]));
+}
+
+fn netns_pids(netns: &str) -> Vec<u32> {
+    Command::new("ip")
+        .args(["netns", "pids", netns])
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes namespaces left by test processes that died without cleaning up (SIGKILL).
+fn sweep_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(owner) = name
+            .strip_prefix(NETNS_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if !pid_alive(owner) {
+            destroy_namespace(name);
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! The test bed: a real management plane on one machine.
+//!
+//! [`shared()`] starts etcd + kube-apiserver once per test binary; the CAPI core manager and the
+//! real libvirtd start on first use. Everything is torn down when the binary exits, whatever the
+//! tests did (see [`process`]).
+#![allow(dead_code)]
+
+pub mod apiserver;
+pub mod capi;
+pub mod certs;
+pub mod libvirtd;
+pub mod process;
+pub mod tools;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use anyhow::{Context, Result};
+
+use apiserver::ControlPlane;
+use capi::CapiCore;
+use libvirtd::Libvirtd;
+use process::Lifetime;
+use tools::Tools;
+
+/// The components of one bed. Start-up is lazy per component; teardown is [`TestBed::shutdown`].
+pub struct TestBed {
+    pub tools: Tools,
+    pub kubeconfig: PathBuf,
+    pub dir: PathBuf,
+    plane: Mutex<Option<ControlPlane>>,
+    capi: Mutex<Option<CapiCore>>,
+    libvirtd: Mutex<Option<Libvirtd>>,
+    temp: Mutex<Option<tempfile::TempDir>>,
+}
+
+/// The bed shared by every test of this binary, started on first use.
+pub fn shared() -> &'static TestBed {
+    static BED: OnceLock<TestBed> = OnceLock::new();
+    BED.get_or_init(|| {
+        let bed = TestBed::start().unwrap_or_else(|e| panic!("the test bed did not start: {e:#}"));
+        process::at_exit(|| {
+            if let Some(bed) = BED.get() {
+                bed.shutdown();
+            }
+        });
+        bed
+    })
+}
+
+impl TestBed {
+    /// Starts etcd and kube-apiserver in a fresh temp dir.
+    pub fn start() -> Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tools = Tools::locate()?;
+        let temp = tempfile::Builder::new()
+            .prefix("capl-bed-")
+            .tempdir()
+            .context("creating the bed's temp dir")?;
+        let dir = temp.path().to_owned();
+        let plane = ControlPlane::start(&tools, &dir.join("control-plane"), Lifetime::TestProcess)?;
+        Ok(Self {
+            kubeconfig: plane.kubeconfig.clone(),
+            tools,
+            dir,
+            plane: Mutex::new(Some(plane)),
+            capi: Mutex::new(None),
+            libvirtd: Mutex::new(None),
+            temp: Mutex::new(Some(temp)),
+        })
+    }
+
+    /// A fresh client for the calling test's runtime (clients must not cross tokio runtimes).
+    pub async fn client(&self) -> kube::Client {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", self.kubeconfig.display()));
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("loading {}: {e}", self.kubeconfig.display()));
+        kube::Client::try_from(config).unwrap_or_else(|e| panic!("building a client: {e}"))
+    }
+
+    /// The control plane (etcd + kube-apiserver).
+    pub fn plane(&self) -> MutexGuard<'_, Option<ControlPlane>> {
+        lock(&self.plane)
+    }
+
+    /// Runs the real `kubectl` against the bed.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        apiserver::kubectl(&self.tools.kubectl, &self.kubeconfig, args, None)
+            .unwrap_or_else(|e| panic!("kubectl {}: {e:#}", args.join(" ")))
+    }
+
+    /// Runs the real `kubectl` with `stdin` piped in.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        apiserver::kubectl(&self.tools.kubectl, &self.kubeconfig, args, Some(stdin))
+            .unwrap_or_else(|e| panic!("kubectl {}: {e:#}", args.join(" ")))
+    }
+
+    /// Runs the real `helm` against the bed.
+    pub fn helm(&self, args: &[&str]) -> Output {
+        std::process::Command::new(&self.tools.helm)
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .env("HELM_CACHE_HOME", self.dir.join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.dir.join("helm/config"))
+            .env("HELM_DATA_HOME", self.dir.join("helm/data"))
+            .output()
+            .unwrap_or_else(|e| panic!("helm {}: {e}", args.join(" ")))
+    }
+
+    /// Starts the CAPI core manager on first use; returns its webhook URL.
+    pub fn capi(&self) -> String {
+        let mut capi = lock(&self.capi);
+        if capi.is_none() {
+            let plane = self.plane();
+            let plane = plane.as_ref().expect("the control plane is running");
+            let started = CapiCore::start(
+                &self.tools,
+                plane,
+                &self.dir.join("capi"),
+                Lifetime::TestProcess,
+            )
+            .unwrap_or_else(|e| panic!("the CAPI core manager did not start: {e:#}"));
+            *capi = Some(started);
+        }
+        capi.as_ref()
+            .map(|c| c.webhook_url.clone())
+            .unwrap_or_default()
+    }
+
+    /// Starts the real libvirtd on first use.
+    pub fn libvirtd(&self) -> MutexGuard<'_, Option<Libvirtd>> {
+        let mut libvirtd = lock(&self.libvirtd);
+        if libvirtd.is_none() {
+            let started = Libvirtd::start(&self.dir.join("libvirt"), Lifetime::TestProcess)
+                .unwrap_or_else(|e| panic!("libvirtd did not start: {e:#}"));
+            *libvirtd = Some(started);
+        }
+        libvirtd
+    }
+
+    /// A directory for one test's files, inside the bed's temp dir.
+    pub fn test_dir(&self, name: &str) -> PathBuf {
+        let dir = self.dir.join("tests").join(name);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        dir
+    }
+
+    /// Stops everything (CAPI, libvirtd, apiserver, etcd) and removes the temp dir. Idempotent.
+    pub fn shutdown(&self) {
+        drop(lock(&self.capi).take());
+        drop(lock(&self.libvirtd).take());
+        drop(lock(&self.plane).take());
+        drop(lock(&self.temp).take());
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        Path::new(&self.dir).join(rel)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

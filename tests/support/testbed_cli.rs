@@ -1,0 +1,195 @@
+//! The test bed's shell face, for the development flow (`tests/testbed up|env|down|versions`).
+//!
+//! `up` starts the same launcher the tests use, detached, with its state under the cache dir;
+//! `env` prints what a shell needs (`eval "$(tests/testbed env)"`); `down` stops everything.
+
+#[path = "mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use support::apiserver::ControlPlane;
+use support::capi::CapiCore;
+use support::libvirtd::{self, Libvirtd};
+use support::process::{self, Lifetime};
+use support::tools::{self, Tools};
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    kubeconfig: PathBuf,
+    /// (name, pid) of every detached process, in start order.
+    processes: Vec<(String, u32)>,
+    libvirt_netns: Option<String>,
+    libvirt_uri: Option<String>,
+    capi_webhook_url: Option<String>,
+}
+
+fn state_dir() -> Result<PathBuf> {
+    Ok(tools::cache_dir()?.join("testbed"))
+}
+
+fn read_state() -> Result<Option<State>> {
+    let path = state_dir()?.join("state.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: tests/testbed <command>\n\
+         \n\
+         up [--capi] [--libvirtd]  start etcd + kube-apiserver (and optionally the CAPI core\n\
+                                   manager and a real libvirtd in its own network namespace)\n\
+         env                       print shell exports for the running bed\n\
+         down                      stop everything and remove the bed's files\n\
+         versions                  print the version of every real component"
+    );
+    std::process::exit(2)
+}
+
+fn main() -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("up") => up(&args[1..]),
+        Some("env") => env(),
+        Some("down") => down(),
+        Some("versions") => versions(),
+        _ => usage(),
+    }
+}
+
+fn up(flags: &[String]) -> Result<()> {
+    if let Some(state) = read_state()? {
+        if state.processes.iter().all(|(_, pid)| alive(*pid)) {
+            eprintln!("the test bed is already up");
+            return print_env(&state);
+        }
+        eprintln!("a previous test bed is half-dead: cleaning it up first");
+        down()?;
+    }
+    let (with_capi, with_libvirtd) = (
+        flags.iter().any(|f| f == "--capi"),
+        flags.iter().any(|f| f == "--libvirtd"),
+    );
+    let tools = Tools::locate()?;
+    let dir = state_dir()?;
+    std::fs::create_dir_all(&dir)?;
+    let plane = ControlPlane::start(&tools, &dir.join("control-plane"), Lifetime::Detached)?;
+    let mut state = State {
+        kubeconfig: plane.kubeconfig.clone(),
+        ..State::default()
+    };
+    if with_capi {
+        let capi = CapiCore::start(&tools, &plane, &dir.join("capi"), Lifetime::Detached)?;
+        state.capi_webhook_url = Some(capi.webhook_url.clone());
+        state.processes.push(capi.detach());
+    }
+    // The plane's processes go first so `down` stops them last.
+    let mut processes = plane.detach();
+    processes.append(&mut state.processes);
+    state.processes = processes;
+    if with_libvirtd {
+        let libvirtd = Libvirtd::start(&dir.join("libvirt"), Lifetime::Detached)?;
+        state.libvirt_uri = Some(libvirtd.uri.clone());
+        state.libvirt_netns = Some(libvirtd.detach());
+    }
+    std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
+    eprintln!("the test bed is up; logs in {}", dir.display());
+    print_env(&state)
+}
+
+fn env() -> Result<()> {
+    match read_state()? {
+        Some(state) => print_env(&state),
+        None => bail!("the test bed is not up (run `tests/testbed up`)"),
+    }
+}
+
+fn print_env(state: &State) -> Result<()> {
+    println!("export KUBECONFIG='{}'", state.kubeconfig.display());
+    if let Some(uri) = &state.libvirt_uri {
+        println!("export LIBVIRT_DEFAULT_URI='{uri}'");
+    }
+    Ok(())
+}
+
+fn down() -> Result<()> {
+    let dir = state_dir()?;
+    if let Some(state) = read_state()? {
+        if let Some(netns) = &state.libvirt_netns {
+            libvirtd::destroy_namespace(netns);
+        }
+        for (name, pid) in state.processes.iter().rev() {
+            eprintln!("stopping {name} ({pid})");
+            process::terminate(*pid, Duration::from_secs(10));
+        }
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    eprintln!("the test bed is down");
+    Ok(())
+}
+
+fn alive(pid: u32) -> bool {
+    libc::pid_t::try_from(pid).is_ok_and(process::pid_alive)
+}
+
+/// One line per real component, as CI prints them.
+fn versions() -> Result<()> {
+    let tools = Tools::locate()?;
+    let first_line = |cmd: &mut Command| -> String {
+        cmd.output()
+            .ok()
+            .map(|o| {
+                let text = if o.stdout.is_empty() {
+                    o.stderr
+                } else {
+                    o.stdout
+                };
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_else(|| "not runnable".into())
+    };
+    println!(
+        "kube-apiserver: {}",
+        first_line(Command::new(&tools.kube_apiserver).arg("--version"))
+    );
+    println!(
+        "etcd:           {}",
+        first_line(Command::new(&tools.etcd).arg("--version"))
+    );
+    println!(
+        "helm:           {}",
+        first_line(Command::new(&tools.helm).args(["version", "--short"]))
+    );
+    println!(
+        "cluster-api:    {}",
+        first_line(Command::new(&tools.clusterctl).args(["version", "-o", "short"]))
+    );
+    println!(
+        "kubectl:        {}",
+        first_line(Command::new(&tools.kubectl).args(["version", "--client"]))
+    );
+    let host = capl::libvirt::Host::open("test:///default")?;
+    println!("libvirt:        {}", host.versions()?);
+    println!(
+        "qemu:           {}",
+        first_line(Command::new("qemu-system-x86_64").arg("--version"))
+    );
+    Ok(())
+}

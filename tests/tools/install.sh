@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Installs everything the test bed needs, idempotently:
+#   - Debian packages (libvirt, QEMU, dnsmasq, iptables, iproute2, pkg-config, ...);
+#   - the real Kubernetes, etcd, Helm and Cluster API binaries, built from the Go modules pinned in
+#     versions.env into a cache outside the clone, keyed by version. A second run is a no-op.
+# Prints `export CAPL_TOOLS_DIR=...` last, so `eval "$(tests/tools/install.sh)"` works;
+# progress goes to stderr.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+cache="${CAPL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cluster-api-provider-libvirt}"
+tools="$cache/tools"
+mkdir -p "$tools"
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+# ---------------------------------------------------------------- Debian packages
+apt_packages=(
+	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
+	qemu-system-x86 qemu-utils dnsmasq-base iptables iproute2 pkg-config
+	openssl ca-certificates
+)
+
+install_apt() {
+	local missing=()
+	for p in "${apt_packages[@]}"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+	done
+	if [ ${#missing[@]} -eq 0 ]; then
+		log "Debian packages: all present"
+		return
+	fi
+	log "Debian packages: installing ${missing[*]}"
+	local sudo=""
+	[ "$(id -u)" -eq 0 ] || sudo="sudo"
+	export DEBIAN_FRONTEND=noninteractive
+	$sudo apt-get update -qq >&2
+	if ! $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; then
+		# A newer qemu-utils (backports) conflicts with bookworm's qemu-system-common:
+		# pin qemu-utils to the version of qemu-system-x86 that apt would install.
+		local qv
+		qv="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')"
+		log "retrying with qemu-utils=$qv"
+		$sudo apt-get install -y -qq --no-install-recommends --allow-downgrades \
+			"${missing[@]/#qemu-utils/qemu-utils=$qv}" >&2
+	fi
+}
+
+# libvirtd's QEMU driver refuses to initialise unless its build-time user exists (Debian's
+# libvirt-daemon-system would create it; the bed runs libvirtd by hand without that package).
+ensure_libvirt_user() {
+	local sudo=""
+	[ "$(id -u)" -eq 0 ] || sudo="sudo"
+	getent group libvirt-qemu >/dev/null || $sudo groupadd --system libvirt-qemu
+	getent passwd libvirt-qemu >/dev/null ||
+		$sudo useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
+}
+
+# ---------------------------------------------------------------- Go-built tools
+export GOFLAGS="${GOFLAGS:--buildvcs=false}"
+export CGO_ENABLED=0
+
+# go_build <name> <version-key> <module-dir> <package> [ldflags]
+go_build() {
+	local name="$1" key="$2" moddir="$3" pkg="$4" ldflags="${5:-}"
+	local out="$tools/$key/$name"
+	if [ -x "$out" ]; then
+		log "$name: cached ($key)"
+		return
+	fi
+	log "$name: building $pkg ($key)"
+	local start=$SECONDS
+	mkdir -p "$tools/$key"
+	(cd "$here/$moddir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg")
+	mv "$out.tmp" "$out"
+	log "$name: built in $((SECONDS - start))s"
+}
+
+install_go_tools() {
+	command -v go >/dev/null || { log "go is required to build the test-bed tools"; exit 1; }
+	local kmaj kmin
+	kmaj="${KUBERNETES_VERSION#v}"; kmaj="${kmaj%%.*}"
+	kmin="$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
+	local kv=k8s.io/component-base/version
+	go_build kube-apiserver "kubernetes-$KUBERNETES_VERSION" kubernetes k8s.io/kubernetes/cmd/kube-apiserver \
+		"-X $kv.gitVersion=$KUBERNETES_VERSION -X $kv.gitMajor=$kmaj -X $kv.gitMinor=$kmin -X $kv.gitTreeState=clean"
+	go_build etcd "etcd-$ETCD_VERSION" etcd go.etcd.io/etcd/server/v3
+	local cv=sigs.k8s.io/cluster-api/version
+	local cmaj cmin
+	cmaj="${CLUSTER_API_VERSION#v}"; cmaj="${cmaj%%.*}"
+	cmin="$(echo "$CLUSTER_API_VERSION" | cut -d. -f2)"
+	local capi_ld="-X $cv.gitVersion=$CLUSTER_API_VERSION -X $cv.gitMajor=$cmaj -X $cv.gitMinor=$cmin -X $cv.gitTreeState=clean"
+	local ck="cluster-api-$CLUSTER_API_VERSION"
+	go_build capi-manager "$ck" cluster-api sigs.k8s.io/cluster-api/core "$capi_ld"
+	go_build clusterctl "$ck" cluster-api sigs.k8s.io/cluster-api/cmd/clusterctl "$capi_ld"
+	go_build capi-kubeadm-bootstrap-manager "$ck" cluster-api sigs.k8s.io/cluster-api/bootstrap/kubeadm "$capi_ld"
+	go_build capi-kubeadm-control-plane-manager "$ck" cluster-api sigs.k8s.io/cluster-api/controlplane/kubeadm "$capi_ld"
+	# Helm's go.mod has no replace directives: `go install` at the pinned version is enough.
+	local hk="helm-$HELM_VERSION" hout="$tools/helm-$HELM_VERSION/helm"
+	if [ -x "$hout" ]; then
+		log "helm: cached ($hk)"
+	else
+		log "helm: building helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+		local start=$SECONDS
+		mkdir -p "$tools/$hk"
+		GOBIN="$tools/$hk" go install -trimpath \
+			-ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION" \
+			"helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+		log "helm: built in $((SECONDS - start))s"
+	fi
+	# The CAPI CRDs come straight from the module cache (no copies in the repo).
+	(cd "$here/cluster-api" && go mod download sigs.k8s.io/cluster-api)
+}
+
+if [ "${CAPL_SKIP_APT:-}" != 1 ]; then
+	install_apt
+	ensure_libvirt_user
+fi
+install_go_tools
+
+capi_src="$(cd "$here/cluster-api" && go list -m -f '{{.Dir}}' sigs.k8s.io/cluster-api)"
+echo "export CAPL_TOOLS_DIR='$tools'"
+echo "export CAPL_KUBE_APISERVER='$tools/kubernetes-$KUBERNETES_VERSION/kube-apiserver'"
+echo "export CAPL_ETCD='$tools/etcd-$ETCD_VERSION/etcd'"
+echo "export CAPL_HELM='$tools/helm-$HELM_VERSION/helm'"
+echo "export CAPL_CAPI_DIR='$tools/cluster-api-$CLUSTER_API_VERSION'"
+echo "export CAPL_CAPI_SRC='$capi_src'"
