@@ -122,3 +122,20 @@ impl Host {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_print_as_libvirt_encodes_them() {
+        assert_eq!(Version(9_000_000).to_string(), "9.0.0");
+        assert_eq!(Version(7_002_022).to_string(), "7.2.22");
+    }
+
+    #[test]
+    fn a_bad_uri_is_an_error_that_names_it() {
+        let err = Host::open("nosuchdriver:///x").expect_err("no such driver");
+        assert!(err.to_string().contains("nosuchdriver:///x"), "{err}");
+    }
+}

@@ -12,7 +12,7 @@ pub mod libvirtd;
 pub mod process;
 pub mod tools;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Output;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -54,8 +54,9 @@ impl TestBed {
     pub fn start() -> Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let tools = Tools::locate()?;
+        sweep_stale_dirs();
         let temp = tempfile::Builder::new()
-            .prefix("capl-bed-")
+            .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
             .tempdir()
             .context("creating the bed's temp dir")?;
         let dir = temp.path().to_owned();
@@ -155,9 +156,25 @@ impl TestBed {
         drop(lock(&self.plane).take());
         drop(lock(&self.temp).take());
     }
+}
 
-    pub fn path(&self, rel: &str) -> PathBuf {
-        Path::new(&self.dir).join(rel)
+/// Prefix of every bed's temp dir: `capl-bed-<owner pid>-<random>`.
+const DIR_PREFIX: &str = "capl-bed-";
+
+/// Removes temp dirs of beds whose test process died without cleaning up (SIGKILL).
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let owner = name
+            .strip_prefix(DIR_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<libc::pid_t>().ok());
+        if owner.is_some_and(|pid| !process::pid_alive(pid)) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

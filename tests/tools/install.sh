@@ -122,6 +122,7 @@ fi
 install_go_tools
 
 capi_src="$(cd "$here/cluster-api" && go list -m -f '{{.Dir}}' sigs.k8s.io/cluster-api)"
+echo "export CAPL_CACHE_DIR='$cache'"
 echo "export CAPL_TOOLS_DIR='$tools'"
 echo "export CAPL_KUBE_APISERVER='$tools/kubernetes-$KUBERNETES_VERSION/kube-apiserver'"
 echo "export CAPL_ETCD='$tools/etcd-$ETCD_VERSION/etcd'"

@@ -1,0 +1,71 @@
+//! The `manager` binary against the test bed: the main job on its embedded default.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::apiserver::free_port;
+use support::capi::http_ok;
+use support::process::{Lifetime, Proc, poll};
+
+fn manager(bed: &support::TestBed, libvirt_uri: &str, health_port: u16) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_manager"));
+    cmd.arg(format!("--kubeconfig={}", bed.kubeconfig.display()))
+        .arg(format!("--libvirt-uri={libvirt_uri}"))
+        .arg(format!(
+            "--health-probe-bind-address=127.0.0.1:{health_port}"
+        ));
+    cmd
+}
+
+#[test]
+fn manager_becomes_ready_on_the_bed_and_stops_on_sigterm() {
+    let bed = support::shared();
+    let port = free_port().expect("a free port");
+    let log = bed.test_dir("manager").join("manager.log");
+    let mut proc = Proc::spawn(
+        "manager",
+        manager(bed, "test:///default", port),
+        &log,
+        Lifetime::TestProcess,
+    )
+    .expect("starting the manager");
+    poll(
+        "the manager's /readyz",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            proc.check_running()?;
+            Ok(http_ok(port, "/readyz").then_some(()))
+        },
+    )
+    .expect("the manager became ready");
+    assert!(http_ok(port, "/healthz"));
+    proc.stop(Duration::from_secs(10));
+    let logged = std::fs::read_to_string(&log).expect("manager log");
+    assert!(
+        logged.contains("connected to the Kubernetes API"),
+        "{logged}"
+    );
+    assert!(
+        logged.contains("shutting down"),
+        "stopped on SIGTERM: {logged}"
+    );
+}
+
+#[test]
+fn manager_fails_clearly_on_an_unreachable_libvirt_host() {
+    let bed = support::shared();
+    let out = manager(bed, "nosuchdriver:///nowhere", free_port().expect("port"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("running the manager");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nosuchdriver:///nowhere"),
+        "the error names the URI: {stderr}"
+    );
+}
