@@ -24,6 +24,12 @@ pub enum Command {
     Run,
     /// Print the versions of the manager, the libvirt library and the hypervisor, then exit.
     Version,
+    /// Write the CustomResourceDefinitions generated from the API types.
+    Crds {
+        /// Directory to write `<group>_<plural>.yaml` files into.
+        #[arg(long, default_value = "crds")]
+        out_dir: PathBuf,
+    },
 }
 
 /// Settings of a running manager.

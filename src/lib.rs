@@ -8,6 +8,7 @@
 //! - [`libvirt`]: the only code that talks to hypervisors;
 //! - [`telemetry`]: logging set-up.
 
+pub mod api;
 pub mod config;
 pub mod health;
 pub mod libvirt;

@@ -15,6 +15,12 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => capl::manager::run(cli.run).await,
+        Command::Crds { out_dir } => {
+            for path in capl::api::crd::write_all(&out_dir)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Command::Version => {
             println!("manager {}", env!("CARGO_PKG_VERSION"));
             let host = capl::manager::probe_libvirt(&cli.run.libvirt_uri).await?;
