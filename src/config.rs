@@ -24,6 +24,12 @@ pub enum Command {
     Run,
     /// Print the versions of the manager, the libvirt library and the hypervisor, then exit.
     Version,
+    /// Write the webhook configurations (for the in-cluster Service) into `webhooks/`.
+    Webhooks {
+        /// Directory to write `manifests.yaml` into.
+        #[arg(long, default_value = "webhooks")]
+        out_dir: PathBuf,
+    },
     /// Write the CustomResourceDefinitions generated from the API types.
     Crds {
         /// Directory to write `<group>_<plural>.yaml` files into.
@@ -47,6 +53,34 @@ pub struct RunArgs {
     /// (e.g. qemu:///system, or test:///default for the in-process test driver).
     #[arg(long, default_value = "test:///default", global = true)]
     pub libvirt_uri: String,
+
+    /// Port the admission webhook server listens on (0 disables it).
+    #[arg(long, default_value_t = 9443, global = true)]
+    pub webhook_port: u16,
+
+    /// Address the admission webhook server binds to.
+    #[arg(long, default_value = "0.0.0.0", global = true)]
+    pub webhook_host: std::net::IpAddr,
+
+    /// Directory holding the webhook's serving certificate and key (a mounted Secret).
+    #[arg(
+        long,
+        default_value = "/tmp/k8s-webhook-server/serving-certs",
+        global = true
+    )]
+    pub webhook_cert_dir: PathBuf,
+
+    /// File name of the serving certificate in --webhook-cert-dir.
+    #[arg(long, default_value = "tls.crt", global = true)]
+    pub webhook_cert_name: String,
+
+    /// File name of the serving key in --webhook-cert-dir.
+    #[arg(long, default_value = "tls.key", global = true)]
+    pub webhook_key_name: String,
+
+    /// How often the serving certificate files are re-read (they are swapped in when changed).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, global = true)]
+    pub webhook_cert_reload_interval: std::time::Duration,
 
     /// Only watch objects in this namespace (all namespaces when empty).
     #[arg(long, default_value = "", global = true)]

@@ -14,3 +14,4 @@ pub mod health;
 pub mod libvirt;
 pub mod manager;
 pub mod telemetry;
+pub mod webhook;

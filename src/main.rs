@@ -15,6 +15,11 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => capl::manager::run(cli.run).await,
+        Command::Webhooks { out_dir } => {
+            let path = capl::webhook::configs::write(&out_dir)?;
+            println!("wrote {}", path.display());
+            Ok(())
+        }
         Command::Crds { out_dir } => {
             for path in capl::api::crd::write_all(&out_dir)? {
                 println!("wrote {}", path.display());

@@ -7,6 +7,8 @@ use tokio::sync::watch;
 use crate::config::RunArgs;
 use crate::health::{self, Readiness};
 use crate::libvirt::{Host, HostVersions};
+use crate::webhook;
+use crate::webhook::tls::{CertFiles, CertStore};
 
 /// Builds a Kubernetes client from `--kubeconfig` or the usual inference chain.
 pub async fn kube_client(args: &RunArgs) -> anyhow::Result<kube::Client> {
@@ -38,6 +40,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         readiness.clone(),
         wait_for(stop_rx.clone()),
     ));
+    let webhooks = start_webhooks(&args, &stop_rx)?;
 
     let client = kube_client(&args).await?;
     let server = client
@@ -53,7 +56,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     health.await??;
+    if let Some(webhooks) = webhooks {
+        webhooks.await??;
+    }
     Ok(())
+}
+
+/// Loads the serving certificate (failing fast when it is missing) and starts the webhook server
+/// with its certificate watcher; `None` when `--webhook-port=0`.
+fn start_webhooks(
+    args: &RunArgs,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>> {
+    if args.webhook_port == 0 {
+        tracing::info!("webhook server disabled (--webhook-port=0)");
+        return Ok(None);
+    }
+    let files = CertFiles::in_dir(
+        &args.webhook_cert_dir,
+        &args.webhook_cert_name,
+        &args.webhook_key_name,
+    );
+    let certs = CertStore::load(files).context("loading the webhook serving certificate")?;
+    tokio::spawn(
+        certs
+            .clone()
+            .watch(args.webhook_cert_reload_interval, wait_for(stop.clone())),
+    );
+    let addr = std::net::SocketAddr::new(args.webhook_host, args.webhook_port);
+    Ok(Some(tokio::spawn(webhook::server::serve(
+        addr,
+        certs,
+        wait_for(stop.clone()),
+    ))))
 }
 
 async fn wait_for(mut stop: watch::Receiver<bool>) {

@@ -1,0 +1,691 @@
+//! Admission webhooks: the handler on its own, then the real manager serving the real apiserver
+//! over TLS (defaulting, denials, immutability, topology dry-runs, certificate rotation).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::body::to_bytes;
+use axum::http::StatusCode;
+use capl::api::LibvirtMachine;
+use capl::webhook::admission::{Endpoint, Kind};
+use capl::webhook::configs::{self, Target};
+use capl::webhook::server::handle;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use support::apiserver::free_port;
+use support::capi::{http_ok, read_yaml_docs};
+use support::process::{Lifetime, Proc, poll};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn machine(spec: Value) -> Value {
+    json!({
+        "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha1",
+        "kind": "LibvirtMachine",
+        "metadata": {"name": "m", "namespace": "default"},
+        "spec": spec,
+    })
+}
+
+fn minimal_spec() -> Value {
+    json!({
+        "vcpus": 2,
+        "memoryMiB": 4096,
+        "image": {"url": "https://images.example.com/debian.qcow2", "checksum": {"type": "sha256", "value": "a".repeat(64)}},
+        "rootVolume": {"sizeGiB": 20},
+        "networkInterfaces": [{"name": "eth0", "network": "default"}],
+    })
+}
+
+fn review(operation: &str, object: &Value, old: Option<&Value>, dry_run: bool) -> Vec<u8> {
+    let kind = object["kind"].as_str().unwrap_or("LibvirtMachine");
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "3f7c3d4e-0000-4000-8000-000000000001",
+            "kind": {"group": "infrastructure.cluster.x-k8s.io", "version": "v1alpha1", "kind": kind},
+            "resource": {"group": "infrastructure.cluster.x-k8s.io", "version": "v1alpha1", "resource": format!("{}s", kind.to_lowercase())},
+            "name": object["metadata"]["name"],
+            "namespace": "default",
+            "operation": operation,
+            "userInfo": {"username": "tester"},
+            "object": object,
+            "oldObject": old,
+            "dryRun": dry_run,
+        }
+    }))
+    .expect("review JSON")
+}
+
+/// Calls the handler directly; returns (status, parsed response or raw body).
+async fn call(kind: Kind, endpoint: Endpoint, body: &[u8]) -> (StatusCode, Value) {
+    let response = handle(kind, endpoint, body);
+    let status = response.status();
+    let bytes = to_bytes(response.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value)
+}
+
+fn apply_patch(object: &Value, response: &Value) -> Value {
+    let mut patched = object.clone();
+    // kube-rs encodes the patch bytes as a JSON array of numbers (Go decodes it into []byte).
+    if let Some(bytes) = response["response"]["patch"].as_array() {
+        let bytes: Vec<u8> = bytes
+            .iter()
+            .filter_map(|b| b.as_u64())
+            .map(|b| b as u8)
+            .collect();
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).expect("JSON patch");
+        json_patch::patch(&mut patched, &patch).expect("patch applies");
+    }
+    patched
+}
+
+// ---------------------------------------------------------------- the handler alone
+
+#[tokio::test]
+async fn defaulting_fills_defaults_once() {
+    let object = machine(minimal_spec());
+    let (status, response) = call(
+        Kind::LibvirtMachine,
+        Endpoint::Mutate,
+        &review("CREATE", &object, None, false),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(response["response"]["allowed"], true);
+    assert_eq!(response["response"]["patchType"], "JSONPatch");
+    let defaulted = apply_patch(&object, &response);
+    assert_eq!(defaulted["spec"]["cpuMode"], "host-passthrough");
+    assert_eq!(defaulted["spec"]["firmware"], "bios");
+    assert_eq!(defaulted["spec"]["image"]["format"], "qcow2");
+    assert_eq!(defaulted["spec"]["networkInterfaces"][0]["model"], "virtio");
+    // Fields the user set are untouched.
+    assert_eq!(defaulted["spec"]["memoryMiB"], 4096);
+
+    let (_, again) = call(
+        Kind::LibvirtMachine,
+        Endpoint::Mutate,
+        &review("CREATE", &defaulted, None, false),
+    )
+    .await;
+    assert!(
+        again["response"]["patch"].is_null(),
+        "defaulting a defaulted object yields no patch"
+    );
+
+    let cluster = json!({
+        "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha1", "kind": "LibvirtCluster",
+        "metadata": {"name": "c"},
+        "spec": {"controlPlaneEndpoint": {"host": "10.0.0.10"}, "hosts": [{"name": "a", "uri": "qemu:///system"}]},
+    });
+    let (_, response) = call(
+        Kind::LibvirtCluster,
+        Endpoint::Mutate,
+        &review("CREATE", &cluster, None, false),
+    )
+    .await;
+    let defaulted = apply_patch(&cluster, &response);
+    assert_eq!(defaulted["spec"]["controlPlaneEndpoint"]["port"], 6443);
+    assert_eq!(defaulted["spec"]["storagePool"], "default");
+    assert_eq!(defaulted["spec"]["network"], "default");
+    assert_eq!(defaulted["spec"]["hosts"][0]["controlPlane"], true);
+    assert_eq!(defaulted["spec"]["hosts"][0]["domainType"], "kvm");
+}
+
+#[tokio::test]
+async fn malformed_requests_get_a_4xx_never_a_5xx() {
+    for body in [
+        b"".as_slice(),
+        b"not json",
+        b"{}",
+        b"[]",
+        b"{\"request\": 7}",
+        b"{\"apiVersion\":\"admission.k8s.io/v1\",\"kind\":\"AdmissionReview\"}",
+        &[0xff, 0xfe, 0x00],
+    ] {
+        for endpoint in [Endpoint::Mutate, Endpoint::Validate] {
+            let (status, body_text) = call(Kind::LibvirtMachine, endpoint, body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}: {body_text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_kind_or_a_malformed_object_is_denied_with_a_reason() {
+    let cluster_review = review(
+        "CREATE",
+        &json!({"kind": "LibvirtCluster", "metadata": {"name": "x"}, "spec": {}}),
+        None,
+        false,
+    );
+    let (status, response) = call(Kind::LibvirtMachine, Endpoint::Validate, &cluster_review).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(response["response"]["allowed"], false);
+    let message = response["response"]["status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("admits infrastructure.cluster.x-k8s.io/LibvirtMachine"),
+        "{message}"
+    );
+
+    let mut spec = minimal_spec();
+    spec["memoryMiB"] = json!("2Gi");
+    let (_, response) = call(
+        Kind::LibvirtMachine,
+        Endpoint::Validate,
+        &review("CREATE", &machine(spec.clone()), None, false),
+    )
+    .await;
+    assert_eq!(response["response"]["allowed"], false);
+    let message = response["response"]["status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.starts_with("spec.memoryMiB: invalid type"),
+        "{message}"
+    );
+    // Defaulting leaves it to the apiserver's schema validation.
+    let (_, response) = call(
+        Kind::LibvirtMachine,
+        Endpoint::Mutate,
+        &review("CREATE", &machine(spec), None, false),
+    )
+    .await;
+    assert_eq!(response["response"]["allowed"], true);
+}
+
+struct Fixture {
+    name: String,
+    doc: Value,
+    expects: Vec<String>,
+}
+
+fn webhook_fixtures() -> Vec<Fixture> {
+    let dir = repo().join("tests/fixtures/webhook");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("fixtures")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).expect("fixture");
+            Fixture {
+                name: path
+                    .file_stem()
+                    .expect("stem")
+                    .to_string_lossy()
+                    .into_owned(),
+                doc: read_yaml_docs(&path).expect("yaml").remove(0),
+                expects: text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("# expect: "))
+                    .map(str::to_owned)
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn kind_of(doc: &Value) -> Kind {
+    match doc["kind"].as_str() {
+        Some("LibvirtCluster") => Kind::LibvirtCluster,
+        Some("LibvirtMachine") => Kind::LibvirtMachine,
+        other => panic!("fixture kind {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn webhook_fixtures_are_denied_with_the_field_and_rule() {
+    let fixtures = webhook_fixtures();
+    assert!(fixtures.len() >= 10);
+    for fixture in fixtures {
+        let (_, response) = call(
+            kind_of(&fixture.doc),
+            Endpoint::Validate,
+            &review("CREATE", &fixture.doc, None, false),
+        )
+        .await;
+        assert_eq!(
+            response["response"]["allowed"], false,
+            "{} was allowed",
+            fixture.name
+        );
+        let message = response["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default();
+        for expect in &fixture.expects {
+            assert!(
+                message.contains(expect.as_str()),
+                "{}: {message:?} lacks {expect:?}",
+                fixture.name
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn risky_values_are_allowed_with_warnings() {
+    let mut spec = minimal_spec();
+    spec["image"]["url"] = json!("http://images.example.com/debian.qcow2");
+    spec["memoryMiB"] = json!(1024);
+    spec["networkInterfaces"][0]["macAddress"] = json!("00:1b:21:00:00:01");
+    let (_, response) = call(
+        Kind::LibvirtMachine,
+        Endpoint::Validate,
+        &review("CREATE", &machine(spec), None, false),
+    )
+    .await;
+    assert_eq!(response["response"]["allowed"], true);
+    let warnings = response["response"]["warnings"].to_string();
+    for expect in [
+        "spec.image.url: uses plain http",
+        "spec.memoryMiB: 1024 MiB",
+        "spec.networkInterfaces[0].macAddress: is a vendor-assigned",
+    ] {
+        assert!(warnings.contains(expect), "{warnings} lacks {expect}");
+    }
+}
+
+#[tokio::test]
+async fn machine_updates_name_every_immutable_field() {
+    let old = machine(minimal_spec());
+    let mut spec = minimal_spec();
+    spec["memoryMiB"] = json!(8192);
+    spec["vcpus"] = json!(4);
+    spec["providerID"] = json!("libvirt://host-a/0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c");
+    let (_, response) = call(
+        Kind::LibvirtMachine,
+        Endpoint::Validate,
+        &review("UPDATE", &machine(spec), Some(&old), false),
+    )
+    .await;
+    let message = response["response"]["status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(response["response"]["allowed"], false);
+    assert!(
+        message.contains("spec.memoryMiB: is immutable"),
+        "{message}"
+    );
+    assert!(message.contains("spec.vcpus: is immutable"), "{message}");
+    assert!(
+        !message.contains("providerID"),
+        "setting providerID once is allowed: {message}"
+    );
+}
+
+fn template(memory: i64, annotations: Value) -> Value {
+    let mut spec = minimal_spec();
+    spec["memoryMiB"] = json!(memory);
+    json!({
+        "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha1",
+        "kind": "LibvirtMachineTemplate",
+        "metadata": {"name": "workers", "namespace": "default", "annotations": annotations},
+        "spec": {"template": {"spec": spec}},
+    })
+}
+
+#[tokio::test]
+async fn templates_are_immutable_except_for_topology_dry_runs() {
+    let old = template(4096, json!({}));
+    let cases = [
+        (template(8192, json!({})), false, false),
+        (
+            template(8192, json!({"topology.cluster.x-k8s.io/dry-run": ""})),
+            false,
+            false,
+        ),
+        (template(8192, json!({})), true, false),
+        (
+            template(8192, json!({"topology.cluster.x-k8s.io/dry-run": ""})),
+            true,
+            true,
+        ),
+        (
+            template(4096, json!({"unrelated": "annotation"})),
+            false,
+            true,
+        ),
+    ];
+    for (i, (new, dry_run, allowed)) in cases.iter().enumerate() {
+        let (_, response) = call(
+            Kind::LibvirtMachineTemplate,
+            Endpoint::Validate,
+            &review("UPDATE", new, Some(&old), *dry_run),
+        )
+        .await;
+        assert_eq!(
+            response["response"]["allowed"], *allowed,
+            "case {i}: {response}"
+        );
+        if !allowed {
+            let message = response["response"]["status"]["message"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(
+                message.contains("spec.template.spec.memoryMiB: is immutable"),
+                "{message}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- on the real apiserver
+
+/// The manager under test: its webhook URL, CA, cert dir and process.
+struct Manager {
+    webhook_port: u16,
+    cert_dir: PathBuf,
+    _proc: Proc,
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Writes a serving cert into `dir` the way kubelet mounts a Secret: `tls.crt -> ..data/tls.crt`,
+/// `..data -> ..<generation>`, swapped atomically on update.
+fn mount_secret(dir: &Path, generation: u32, ca: &support::certs::Ca) {
+    let data_dir = dir.join(format!("..gen{generation}"));
+    ca.server("capl-webhook", &["127.0.0.1", "localhost"])
+        .expect("serving cert")
+        .write(&data_dir, "tls.crt", "tls.key")
+        .expect("writing the cert");
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(data_dir.file_name().expect("name"), &tmp).expect("symlink");
+    std::fs::rename(&tmp, dir.join("..data")).expect("atomic swap of ..data");
+    for file in ["tls.crt", "tls.key"] {
+        let link = dir.join(file);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{file}"), &link).expect("link");
+        }
+    }
+}
+
+fn manager() -> &'static Manager {
+    static MANAGER: OnceLock<Manager> = OnceLock::new();
+    MANAGER.get_or_init(|| {
+        let bed = support::shared();
+        let dir = bed.test_dir("webhook-manager");
+        let cert_dir = dir.join("certs");
+        std::fs::create_dir_all(&cert_dir).expect("cert dir");
+        let plane = bed.plane();
+        let plane = plane.as_ref().expect("control plane");
+        mount_secret(&cert_dir, 1, &plane.ca);
+
+        let (webhook_port, health_port) = (free_port().expect("port"), free_port().expect("port"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_manager"));
+        cmd.arg(format!("--kubeconfig={}", bed.kubeconfig.display()))
+            .arg(format!(
+                "--health-probe-bind-address=127.0.0.1:{health_port}"
+            ))
+            .arg("--webhook-host=127.0.0.1")
+            .arg(format!("--webhook-port={webhook_port}"))
+            .arg(format!("--webhook-cert-dir={}", cert_dir.display()))
+            .arg("--webhook-cert-reload-interval=200ms");
+        let mut proc = Proc::spawn(
+            "manager",
+            cmd,
+            &dir.join("manager.log"),
+            Lifetime::TestProcess,
+        )
+        .expect("starting the manager");
+        poll(
+            "the manager",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                proc.check_running()?;
+                Ok(http_ok(health_port, "/readyz").then_some(()))
+            },
+        )
+        .expect("manager ready");
+
+        let crds = repo().join("crds");
+        let out = bed.kubectl(&["apply", "--server-side", "-f", &crds.to_string_lossy()]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let out = bed.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "-l",
+            "cluster.x-k8s.io/provider=infrastructure-libvirt",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let target = Target::Url(format!("https://127.0.0.1:{webhook_port}"));
+        let manifests =
+            configs::render(&target, Some(plane.ca.cert_pem.as_bytes())).expect("render");
+        let out = bed.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &manifests);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        Manager {
+            webhook_port,
+            cert_dir,
+            _proc: proc,
+        }
+    })
+}
+
+fn apply(doc: &Value, dry_run: bool) -> std::process::Output {
+    let mut args = vec!["apply", "-n", "default", "-f", "-"];
+    if dry_run {
+        args.push("--dry-run=server");
+    }
+    support::shared().kubectl_stdin(&args, &serde_json::to_string(doc).expect("json"))
+}
+
+#[test]
+fn generated_webhook_configurations_are_up_to_date() {
+    let on_disk = std::fs::read_to_string(repo().join("webhooks").join(configs::FILE_NAME))
+        .unwrap_or_default();
+    let generated = configs::render(&Target::default(), None).expect("render");
+    assert!(
+        on_disk == generated,
+        "webhooks/ is stale: run `cargo run --bin manager -- webhooks` and commit it"
+    );
+    for line in [
+        "sideEffects: None",
+        "failurePolicy: Fail",
+        "timeoutSeconds: 10",
+        "matchPolicy: Equivalent",
+    ] {
+        assert_eq!(
+            generated.matches(line).count(),
+            8,
+            "{line} on every webhook"
+        );
+    }
+}
+
+#[test]
+fn kubectl_apply_of_a_minimal_machine_comes_back_defaulted() {
+    manager();
+    let mut doc = machine(minimal_spec());
+    doc["metadata"]["name"] = json!("defaulted");
+    let out = apply(&doc, false);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = support::shared().kubectl(&[
+        "get",
+        "libvirtmachine",
+        "defaulted",
+        "-n",
+        "default",
+        "-o",
+        "json",
+    ]);
+    let stored: Value = serde_json::from_slice(&out.stdout).expect("object JSON");
+    assert_eq!(stored["spec"]["cpuMode"], "host-passthrough");
+    assert_eq!(stored["spec"]["firmware"], "bios");
+    assert_eq!(stored["spec"]["image"]["format"], "qcow2");
+    assert_eq!(stored["spec"]["networkInterfaces"][0]["model"], "virtio");
+}
+
+#[test]
+fn webhook_only_rules_deny_through_the_apiserver() {
+    manager();
+    for fixture in webhook_fixtures() {
+        let out = apply(&fixture.doc, true);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{} was accepted", fixture.name);
+        assert!(
+            stderr.contains("denied the request"),
+            "{}: {stderr}",
+            fixture.name
+        );
+        for expect in &fixture.expects {
+            assert!(
+                stderr.contains(expect.as_str()),
+                "{}: {stderr} lacks {expect:?}",
+                fixture.name
+            );
+        }
+    }
+    // Warnings reach kubectl.
+    let mut spec = minimal_spec();
+    spec["image"]["url"] = json!("http://images.example.com/debian.qcow2");
+    let out = apply(&machine(spec), true);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("Warning: spec.image.url: uses plain http"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn template_updates_pass_only_as_topology_dry_runs() {
+    manager();
+    let bed = support::shared();
+    let out = apply(&template(4096, json!({})), false);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let changed = template(8192, json!({}));
+    let out = apply(&changed, true);
+    assert!(!out.status.success(), "template change allowed");
+    assert!(
+        text(&out.stderr).contains("spec.template.spec.memoryMiB: is immutable"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // What Cluster API's topology controller sends: a server-side-apply dry-run with its annotation.
+    let planned = template(8192, json!({"topology.cluster.x-k8s.io/dry-run": ""}));
+    let out = bed.kubectl_stdin(
+        &[
+            "apply",
+            "-n",
+            "default",
+            "--server-side",
+            "--dry-run=server",
+            "--field-manager=capi-topology",
+            "--force-conflicts",
+            "-f",
+            "-",
+        ],
+        &serde_json::to_string(&planned).expect("json"),
+    );
+    assert!(
+        out.status.success(),
+        "topology dry-run denied: {}",
+        text(&out.stderr)
+    );
+
+    // The same annotation without dryRun is still denied.
+    let out = apply(&planned, false);
+    assert!(
+        !out.status.success(),
+        "a real update with the annotation was allowed"
+    );
+}
+
+/// The certificate the webhook serves right now (DER), fetched over TLS.
+async fn served_certificate(port: u16, ca_pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("CA PEM")).expect("CA");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("127.0.0.1".try_into().expect("name"), tcp)
+        .await
+        .expect("TLS handshake with the bed's CA");
+    tls.get_ref().1.peer_certificates().expect("peer certs")[0].to_vec()
+}
+
+#[tokio::test]
+async fn certificate_rotation_during_admissions_loses_none() {
+    let manager = manager();
+    let bed = support::shared();
+    let ca_pem = bed.plane().as_ref().expect("plane").ca.cert_pem.clone();
+    let before = served_certificate(manager.webhook_port, &ca_pem).await;
+
+    let client = bed.client().await;
+    let machines: Api<LibvirtMachine> = Api::namespaced(client, "default");
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let stream = tokio::spawn(async move {
+        let mut failures = Vec::new();
+        for i in 0..150 {
+            let mut doc = machine(minimal_spec());
+            doc["metadata"]["name"] = json!(format!("rotation-{i}"));
+            let object: LibvirtMachine = serde_json::from_value(doc).expect("typed");
+            if let Err(e) = machines.create(&dry_run, &object).await {
+                failures.push(format!("{i}: {e}"));
+            }
+        }
+        failures
+    });
+    // Rotate twice while the stream runs (kubelet-style ..data swaps).
+    let cert_dir = manager.cert_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        for generation in [2, 3] {
+            std::thread::sleep(Duration::from_millis(300));
+            let plane = support::shared().plane();
+            mount_secret(&cert_dir, generation, &plane.as_ref().expect("plane").ca);
+        }
+    })
+    .await
+    .expect("rotation");
+    let failures = stream.await.expect("stream");
+    assert!(
+        failures.is_empty(),
+        "admissions lost during rotation: {failures:?}"
+    );
+
+    let mut rotated = false;
+    for _ in 0..100 {
+        if served_certificate(manager.webhook_port, &ca_pem).await != before {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(rotated, "the webhook still serves the first certificate");
+}
