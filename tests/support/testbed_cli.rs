@@ -27,6 +27,8 @@ struct State {
     libvirt_netns: Option<String>,
     libvirt_uri: Option<String>,
     capi_webhook_url: Option<String>,
+    /// Serving certificate dir for a manager run against the bed (`up --provider`).
+    webhook_cert_dir: Option<PathBuf>,
 }
 
 fn state_dir() -> Result<PathBuf> {
@@ -46,8 +48,10 @@ fn usage() -> ! {
     eprintln!(
         "usage: tests/testbed <command>\n\
          \n\
-         up [--capi] [--libvirtd]  start etcd + kube-apiserver (and optionally the CAPI core\n\
-                                   manager and a real libvirtd in its own network namespace)\n\
+         up [--capi] [--libvirtd] [--provider]\n\
+                                   start etcd + kube-apiserver (and optionally the CAPI core\n\
+                                   manager, a real libvirtd in its own network namespace, and\n\
+                                   this provider's CRDs + webhooks pointed at 127.0.0.1:9443)\n\
          env                       print shell exports for the running bed\n\
          down                      stop everything and remove the bed's files\n\
          versions                  print the version of every real component"
@@ -76,10 +80,9 @@ fn up(flags: &[String]) -> Result<()> {
         eprintln!("a previous test bed is half-dead: cleaning it up first");
         down()?;
     }
-    let (with_capi, with_libvirtd) = (
-        flags.iter().any(|f| f == "--capi"),
-        flags.iter().any(|f| f == "--libvirtd"),
-    );
+    let flag = |name: &str| flags.iter().any(|f| f == name);
+    let (with_capi, with_libvirtd, with_provider) =
+        (flag("--capi"), flag("--libvirtd"), flag("--provider"));
     let tools = Tools::locate()?;
     let dir = state_dir()?;
     std::fs::create_dir_all(&dir)?;
@@ -92,6 +95,9 @@ fn up(flags: &[String]) -> Result<()> {
         let capi = CapiCore::start(&tools, &plane, &dir.join("capi"), Lifetime::Detached)?;
         state.capi_webhook_url = Some(capi.webhook_url.clone());
         state.processes.push(capi.detach());
+    }
+    if with_provider {
+        state.webhook_cert_dir = Some(install_provider(&plane, &dir)?);
     }
     // The plane's processes go first so `down` stops them last.
     let mut processes = plane.detach();
@@ -107,6 +113,30 @@ fn up(flags: &[String]) -> Result<()> {
     print_env(&state)
 }
 
+/// Installs this provider's CRDs and webhook configurations (pointed at a manager on
+/// 127.0.0.1:9443) and writes that manager's serving certificate; returns the cert dir.
+fn install_provider(plane: &ControlPlane, dir: &std::path::Path) -> Result<PathBuf> {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    plane.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &repo.join("crds").to_string_lossy(),
+    ])?;
+    let cert_dir = dir.join("webhook-certs");
+    plane
+        .ca
+        .server("capl-webhook", &["127.0.0.1", "localhost"])?
+        .write(&cert_dir, "tls.crt", "tls.key")?;
+    let target = capl::webhook::configs::Target::Url("https://127.0.0.1:9443".into());
+    let manifests = capl::webhook::configs::render(&target, Some(plane.ca.cert_pem.as_bytes()))?;
+    let out = plane.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &manifests)?;
+    if !out.status.success() {
+        bail!("applying webhook configurations: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(cert_dir)
+}
+
 fn env() -> Result<()> {
     match read_state()? {
         Some(state) => print_env(&state),
@@ -118,6 +148,9 @@ fn print_env(state: &State) -> Result<()> {
     println!("export KUBECONFIG='{}'", state.kubeconfig.display());
     if let Some(uri) = &state.libvirt_uri {
         println!("export LIBVIRT_DEFAULT_URI='{uri}'");
+    }
+    if let Some(dir) = &state.webhook_cert_dir {
+        println!("export CAPL_WEBHOOK_CERT_DIR='{}'", dir.display());
     }
     Ok(())
 }
