@@ -9,18 +9,16 @@ use virt::connect::Connect;
 /// Errors of the libvirt layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("connecting to libvirt at {uri}: {source}")]
+    #[error("connecting to libvirt at {uri}: {error}")]
     Connect {
         uri: String,
-        #[source]
-        source: virt::error::Error,
+        error: virt::error::Error,
     },
-    #[error("libvirt call {call} on {uri}: {source}")]
+    #[error("libvirt call {call} on {uri}: {error}")]
     Call {
         call: &'static str,
         uri: String,
-        #[source]
-        source: virt::error::Error,
+        error: virt::error::Error,
     },
 }
 
@@ -76,9 +74,9 @@ impl Host {
     pub fn open(uri: &str) -> Result<Self> {
         static QUIET: Once = Once::new();
         QUIET.call_once(virt::error::clear_error_callback);
-        let conn = Connect::open(Some(uri)).map_err(|source| Error::Connect {
+        let conn = Connect::open(Some(uri)).map_err(|error| Error::Connect {
             uri: uri.to_owned(),
-            source,
+            error,
         })?;
         Ok(Self {
             uri: uri.to_owned(),
@@ -98,10 +96,10 @@ impl Host {
 
     /// Versions of the library, driver and hypervisor behind this connection.
     pub fn versions(&self) -> Result<HostVersions> {
-        let call = |call, source| Error::Call {
+        let call = |call, error| Error::Call {
             call,
             uri: self.uri.clone(),
-            source,
+            error,
         };
         let libvirt = self
             .conn

@@ -9,13 +9,20 @@ use support::apiserver::free_port;
 use support::capi::http_ok;
 use support::process::{Lifetime, Proc, poll};
 
-fn manager(bed: &support::TestBed, libvirt_uri: &str, health_port: u16) -> Command {
+/// The manager with the given libvirt URI and webhook port (0: no webhook server).
+fn manager(
+    bed: &support::TestBed,
+    libvirt_uri: &str,
+    health_port: u16,
+    webhook_port: u16,
+) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_manager"));
     cmd.arg(format!("--kubeconfig={}", bed.kubeconfig.display()))
         .arg(format!("--libvirt-uri={libvirt_uri}"))
         .arg(format!(
             "--health-probe-bind-address=127.0.0.1:{health_port}"
-        ));
+        ))
+        .arg(format!("--webhook-port={webhook_port}"));
     cmd
 }
 
@@ -26,7 +33,7 @@ fn manager_becomes_ready_on_the_bed_and_stops_on_sigterm() {
     let log = bed.test_dir("manager").join("manager.log");
     let mut proc = Proc::spawn(
         "manager",
-        manager(bed, "test:///default", port),
+        manager(bed, "test:///default", port, 0),
         &log,
         Lifetime::TestProcess,
     )
@@ -55,13 +62,34 @@ fn manager_becomes_ready_on_the_bed_and_stops_on_sigterm() {
 }
 
 #[test]
-fn manager_fails_clearly_on_an_unreachable_libvirt_host() {
+fn manager_refuses_to_start_without_a_webhook_certificate() {
     let bed = support::shared();
-    let out = manager(bed, "nosuchdriver:///nowhere", free_port().expect("port"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let empty = bed.test_dir("no-certs");
+    let out = manager(bed, "test:///default", free_port().expect("port"), 19443)
+        .arg(format!("--webhook-cert-dir={}", empty.display()))
         .output()
         .expect("running the manager");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("loading the webhook serving certificate") && stderr.contains("tls.crt"),
+        "the error names the missing file: {stderr}"
+    );
+}
+
+#[test]
+fn manager_fails_clearly_on_an_unreachable_libvirt_host() {
+    let bed = support::shared();
+    let out = manager(
+        bed,
+        "nosuchdriver:///nowhere",
+        free_port().expect("port"),
+        0,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .output()
+    .expect("running the manager");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -10,17 +10,15 @@ use super::{LibvirtCluster, LibvirtClusterTemplate, LibvirtMachine, LibvirtMachi
 /// Errors of CRD generation.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("serialising CRD {name}: {source}")]
+    #[error("serialising CRD {name}: {error}")]
     Serialize {
         name: String,
-        #[source]
-        source: serde_yaml::Error,
+        error: serde_yaml::Error,
     },
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {error}")]
     Write {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -46,7 +44,7 @@ pub fn rendered() -> Result<Vec<(String, String)>, Error> {
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();
             let yaml =
-                serde_yaml::to_string(crd).map_err(|source| Error::Serialize { name, source })?;
+                serde_yaml::to_string(crd).map_err(|error| Error::Serialize { name, error })?;
             Ok((file_name(crd), format!("---\n{yaml}")))
         })
         .collect()
@@ -54,17 +52,17 @@ pub fn rendered() -> Result<Vec<(String, String)>, Error> {
 
 /// Writes every CRD into `dir`, replacing what was there.
 pub fn write_all(dir: &Path) -> Result<Vec<PathBuf>, Error> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::Write {
+    std::fs::create_dir_all(dir).map_err(|error| Error::Write {
         path: dir.to_owned(),
-        source,
+        error,
     })?;
     rendered()?
         .into_iter()
         .map(|(name, yaml)| {
             let path = dir.join(name);
-            std::fs::write(&path, yaml).map_err(|source| Error::Write {
+            std::fs::write(&path, yaml).map_err(|error| Error::Write {
                 path: path.clone(),
-                source,
+                error,
             })?;
             Ok(path)
         })

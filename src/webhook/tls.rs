@@ -20,11 +20,10 @@ use rustls::{ServerConfig, version};
 /// Errors of certificate loading.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
@@ -150,9 +149,9 @@ impl ResolvesServerCert for CertStore {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::Read {
+    std::fs::read(path).map_err(|error| Error::Read {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 

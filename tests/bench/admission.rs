@@ -61,7 +61,9 @@ fn review_body() -> Vec<u8> {
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 async fn connect(port: u16, tls: Arc<rustls::ClientConfig>) -> Sender {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
     tcp.set_nodelay(true).expect("nodelay");
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect("127.0.0.1".try_into().expect("name"), tcp)
@@ -83,8 +85,16 @@ async fn send(sender: &mut Sender, path: &str, body: &Bytes) -> Duration {
     let start = Instant::now();
     let response = sender.send_request(request).await.expect("response");
     let status = response.status();
-    let bytes = response.into_body().collect().await.expect("body").to_bytes();
-    assert!(status.is_success() && bytes.windows(14).any(|w| w == b"\"allowed\":true"), "unexpected answer {status}");
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert!(
+        status.is_success() && bytes.windows(14).any(|w| w == b"\"allowed\":true"),
+        "unexpected answer {status}"
+    );
     start.elapsed()
 }
 
@@ -95,7 +105,13 @@ struct Outcome {
 
 /// `connections` keep-alive connections; each sends at `rate / connections` per second, or as
 /// fast as it can when `rate` is `None`.
-async fn run(port: u16, tls: Arc<rustls::ClientConfig>, path: &'static str, rate: Option<u32>, connections: u32) -> Outcome {
+async fn run(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    path: &'static str,
+    rate: Option<u32>,
+    connections: u32,
+) -> Outcome {
     let body = Bytes::from(review_body());
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -104,9 +120,12 @@ async fn run(port: u16, tls: Arc<rustls::ClientConfig>, path: &'static str, rate
         tasks.push(tokio::spawn(async move {
             let mut sender = connect(port, tls).await;
             let mut latencies = Vec::new();
-            let interval = rate.map(|r| Duration::from_secs_f64(f64::from(connections) / f64::from(r)));
+            let interval =
+                rate.map(|r| Duration::from_secs_f64(f64::from(connections) / f64::from(r)));
             // Stagger the connections' schedules across one interval.
-            let offset = interval.map_or(Duration::ZERO, |i| i.mul_f64(f64::from(c) / f64::from(connections)));
+            let offset = interval.map_or(Duration::ZERO, |i| {
+                i.mul_f64(f64::from(c) / f64::from(connections))
+            });
             let begin = tokio::time::Instant::now() + offset;
             let mut k: u32 = 0;
             while begin.elapsed() < PHASE {
@@ -123,7 +142,10 @@ async fn run(port: u16, tls: Arc<rustls::ClientConfig>, path: &'static str, rate
     for task in tasks {
         latencies.extend(task.await.expect("load task"));
     }
-    Outcome { latencies, elapsed: start.elapsed() }
+    Outcome {
+        latencies,
+        elapsed: start.elapsed(),
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -178,11 +200,22 @@ fn main() {
         .arg("--webhook-host=127.0.0.1")
         .arg(format!("--webhook-port={port}"))
         .arg(format!("--webhook-cert-dir={}", cert_dir.display()));
-    let mut manager = Proc::spawn("manager", cmd, &dir.join("manager.log"), Lifetime::TestProcess).expect("manager");
-    poll("manager", Duration::from_secs(30), Duration::from_millis(100), || {
-        manager.check_running()?;
-        Ok(http_ok(health, "/readyz").then_some(()))
-    })
+    let mut manager = Proc::spawn(
+        "manager",
+        cmd,
+        &dir.join("manager.log"),
+        Lifetime::TestProcess,
+    )
+    .expect("manager");
+    poll(
+        "manager",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            manager.check_running()?;
+            Ok(http_ok(health, "/readyz").then_some(()))
+        },
+    )
     .expect("manager ready");
     let pid = manager.pid();
     let idle_rss = rss_kib(pid, "VmRSS:");
@@ -192,11 +225,13 @@ fn main() {
         roots.add(cert.expect("CA")).expect("CA");
     }
     let tls = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
     );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -206,8 +241,15 @@ fn main() {
         .expect("runtime");
     let validate = "/validate-infrastructure-cluster-x-k8s-io-v1alpha1-libvirtmachine";
     let mutate = "/mutate-infrastructure-cluster-x-k8s-io-v1alpha1-libvirtmachine";
-    println!("manager pid {pid}, idle RSS {idle_rss} KiB; {} s per phase; LibvirtMachine CREATE review of {} bytes", PHASE.as_secs(), review_body().len());
-    println!("{:<28} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}", "phase", "requests", "req/s", "p50 µs", "p90 µs", "p99 µs", "max µs", "RSS KiB");
+    println!(
+        "manager pid {pid}, idle RSS {idle_rss} KiB; {} s per phase; LibvirtMachine CREATE review of {} bytes",
+        PHASE.as_secs(),
+        review_body().len()
+    );
+    println!(
+        "{:<28} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "phase", "requests", "req/s", "p50 µs", "p90 µs", "p99 µs", "max µs", "RSS KiB"
+    );
     runtime.block_on(async {
         // Warm-up (connection set-up, allocator).
         let _ = run(port, tls.clone(), validate, Some(500), 2).await;

@@ -132,7 +132,10 @@ fn install_provider(plane: &ControlPlane, dir: &std::path::Path) -> Result<PathB
     let manifests = capl::webhook::configs::render(&target, Some(plane.ca.cert_pem.as_bytes()))?;
     let out = plane.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &manifests)?;
     if !out.status.success() {
-        bail!("applying webhook configurations: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "applying webhook configurations: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(cert_dir)
 }
