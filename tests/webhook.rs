@@ -689,3 +689,49 @@ async fn certificate_rotation_during_admissions_loses_none() {
     }
     assert!(rotated, "the webhook still serves the first certificate");
 }
+
+#[tokio::test]
+async fn the_router_limits_bodies_and_rejects_other_methods_and_paths() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+    let path = Kind::LibvirtMachine.path(Endpoint::Validate);
+
+    let huge = vec![b' '; capl::webhook::server::MAX_BODY_BYTES + 1];
+    let response = capl::webhook::server::router()
+        .oneshot(
+            Request::post(&path)
+                .body(Body::from(huge))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    let response = capl::webhook::server::router()
+        .oneshot(Request::get(&path).body(Body::empty()).expect("request"))
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+
+    let response = capl::webhook::server::router()
+        .oneshot(
+            Request::post("/validate-something-else")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+    let body = review("CREATE", &machine(minimal_spec()), None, false);
+    let response = capl::webhook::server::router()
+        .oneshot(
+            Request::post(&path)
+                .body(Body::from(body))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+}
