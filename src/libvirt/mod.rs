@@ -1,5 +1,13 @@
 //! The only code that talks to hypervisors. Calls into libvirt are blocking FFI: callers on the
 //! async runtime go through [`tokio::task::spawn_blocking`].
+//!
+//! - [`identity`]: names, UUIDs and MACs derived from the owning object (idempotent creation);
+//! - [`xml`]: domain XML from typed structs;
+//! - [`machine`]: idempotent create, leak-free delete and inventory of a machine on a host.
+
+pub mod identity;
+pub mod machine;
+pub mod xml;
 
 use std::fmt;
 use std::sync::Once;
@@ -14,6 +22,8 @@ pub enum Error {
         uri: String,
         error: virt::error::Error,
     },
+    #[error("building libvirt XML: {0}")]
+    Xml(String),
     #[error("libvirt call {call} on {uri}: {error}")]
     Call {
         call: &'static str,

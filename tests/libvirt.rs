@@ -1,0 +1,253 @@
+//! The libvirt backend: domain XML (golden), idempotent create, crash safety and leak-free delete
+//! on the in-process test driver and on the bed's real libvirtd + QEMU.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use capl::libvirt::Host;
+use capl::libvirt::identity::MachineIdentity;
+use capl::libvirt::xml::{DiskPlan, DomainPlan, InterfacePlan, InterfaceSource, VolumePlan};
+
+fn identity(uid: &str) -> MachineIdentity {
+    MachineIdentity::new("default", "worker-1", uid)
+}
+
+fn plan(identity: MachineIdentity, domain_type: &str, pool: &str) -> DomainPlan {
+    DomainPlan {
+        cluster: "prod".into(),
+        domain_type: domain_type.into(),
+        vcpus: 1,
+        memory_mib: 64,
+        cpu_mode: "host-passthrough".into(),
+        uefi: false,
+        disks: vec![DiskPlan {
+            pool: pool.into(),
+            volume: identity.volume_name("root", "qcow2"),
+            target: "vda".into(),
+            cdrom: false,
+        }],
+        interfaces: vec![],
+        serial_log: None,
+        identity,
+    }
+}
+
+fn root_volume(identity: &MachineIdentity, backing: Option<(String, String)>) -> VolumePlan {
+    VolumePlan {
+        name: identity.volume_name("root", "qcow2"),
+        capacity_gib: 1,
+        format: "qcow2".into(),
+        backing,
+    }
+}
+
+#[test]
+fn domain_xml_matches_the_golden_file() {
+    let id = identity("0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c");
+    let mut plan = plan(id.clone(), "kvm", "default");
+    plan.vcpus = 4;
+    plan.memory_mib = 8192;
+    plan.uefi = true;
+    plan.serial_log = Some("/var/log/libvirt/qemu/default_worker-1-serial.log".into());
+    plan.disks.push(DiskPlan {
+        pool: "default".into(),
+        volume: id.volume_name("seed", "iso"),
+        target: "sda".into(),
+        cdrom: true,
+    });
+    plan.interfaces = vec![
+        InterfacePlan {
+            source: InterfaceSource::Network("k8s".into()),
+            mac: id.mac("eth0"),
+            model: "virtio".into(),
+        },
+        InterfacePlan {
+            source: InterfaceSource::Bridge("br0".into()),
+            mac: id.mac("eth1"),
+            model: "e1000e".into(),
+        },
+    ];
+    let xml = plan.to_xml().expect("XML");
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/domain.xml");
+    if std::env::var_os("CAPL_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &xml).expect("writing the golden file");
+    }
+    let expected = std::fs::read_to_string(&golden)
+        .expect("tests/golden/domain.xml (CAPL_UPDATE_GOLDEN=1 writes it)");
+    assert_eq!(
+        xml, expected,
+        "domain XML changed; review and rerun with CAPL_UPDATE_GOLDEN=1"
+    );
+}
+
+#[test]
+fn xml_escapes_whatever_it_is_given() {
+    let mut plan = plan(
+        MachineIdentity::new("ns", "m", "uid"),
+        "test",
+        "default-pool",
+    );
+    plan.cluster = "a'b\"c<d>&e".into();
+    plan.interfaces = vec![InterfacePlan {
+        source: InterfaceSource::Network("net'/><evil/>".into()),
+        mac: plan.identity.mac("eth0"),
+        model: "virtio".into(),
+    }];
+    let xml = plan.to_xml().expect("XML");
+    assert!(!xml.contains("<evil/>"), "{xml}");
+    assert!(
+        xml.contains("<capl:cluster>a'b\"c&lt;d&gt;&amp;e</capl:cluster>"),
+        "{xml}"
+    );
+    assert!(xml.contains("network=\"net'/&gt;&lt;evil/&gt;\""), "{xml}");
+    // libvirt reads it back as the same, inert value.
+    let host = Host::open("test:///default").expect("test driver");
+    let domain = host
+        .connection()
+        .define_domain_xml(&xml)
+        .expect("libvirt accepts the escaped XML");
+    let echoed = domain.xml_desc(0).expect("xml");
+    assert!(
+        echoed.contains("net&apos;/&gt;&lt;evil/&gt;") && !echoed.contains("<evil"),
+        "{echoed}"
+    );
+}
+
+#[test]
+fn test_driver_create_is_idempotent_and_delete_leaves_nothing() {
+    let host = Host::open("test:///default").expect("test driver");
+    let pools = vec!["default-pool".to_owned()];
+    let id = identity("uid-idempotent");
+    host.ensure_volume(
+        "default-pool",
+        &id.volume_name("root", "qcow2"),
+        &root_volume(&id, None).to_xml().expect("xml"),
+    )
+    .expect("root volume");
+    let plan = plan(id.clone(), "test", "default-pool");
+
+    let first = host.ensure_domain(&plan).expect("first create");
+    let second = host.ensure_domain(&plan).expect("second create");
+    assert_eq!(first, second);
+    assert_eq!(first.state, "running");
+    assert_eq!(first.uuid, id.domain_uuid().to_string());
+    let named: Vec<_> = host
+        .connection()
+        .list_all_domains(0)
+        .expect("list")
+        .into_iter()
+        .filter(|d| d.name().is_ok_and(|n| n == id.domain_name()))
+        .collect();
+    assert_eq!(named.len(), 1, "exactly one domain");
+
+    let inventory = host.inventory(&id, &pools).expect("inventory");
+    assert_eq!(inventory.domain.as_deref(), Some(id.domain_name().as_str()));
+    assert_eq!(inventory.volumes.len(), 1);
+
+    host.delete_machine(&id, &pools, Duration::ZERO)
+        .expect("delete");
+    assert!(
+        host.inventory(&id, &pools).expect("inventory").is_empty(),
+        "nothing left"
+    );
+    host.delete_machine(&id, &pools, Duration::ZERO)
+        .expect("deleting again is a no-op");
+}
+
+#[test]
+fn test_driver_recovers_from_a_crash_between_define_and_start() {
+    let host = Host::open("test:///default").expect("test driver");
+    let id = identity("uid-crash");
+    let plan = plan(id.clone(), "test", "default-pool");
+    // A previous attempt defined the domain and died before starting it.
+    host.connection()
+        .define_domain_xml(&plan.to_xml().expect("xml"))
+        .expect("define");
+    let status = host.ensure_domain(&plan).expect("re-run");
+    assert_eq!(status.state, "running");
+    let count = host
+        .connection()
+        .list_all_domains(0)
+        .expect("list")
+        .iter()
+        .filter(|d| {
+            d.uuid_string()
+                .is_ok_and(|u| u == id.domain_uuid().to_string())
+        })
+        .count();
+    assert_eq!(count, 1);
+    host.delete_machine(&id, &["default-pool".into()], Duration::ZERO)
+        .expect("delete");
+}
+
+#[test]
+fn real_qemu_runs_a_machine_on_an_overlay_and_delete_leaves_nothing() {
+    let bed = support::shared();
+    let libvirtd = bed.libvirtd();
+    let libvirtd = libvirtd.as_ref().expect("libvirtd");
+    let host = libvirtd.connect().expect("connect");
+    let pool_dir = libvirtd.images().join("pool-overlay");
+    std::fs::create_dir_all(&pool_dir).expect("pool dir");
+    let pool_xml = format!(
+        "<pool type='dir'><name>capl-test</name><target><path>{}</path></target></pool>",
+        pool_dir.display()
+    );
+    let pool = host
+        .connection()
+        .define_storage_pool_xml(&pool_xml, 0)
+        .or_else(|_| host.connection().lookup_storage_pool_by_name("capl-test"))
+        .expect("pool");
+    if !pool.is_active().unwrap_or(false) {
+        pool.create(0).expect("start pool");
+    }
+    // The base image: made here, never touched by the machine.
+    let base = pool_dir.join("base.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("256M")
+        .output()
+        .expect("qemu-img");
+    assert!(made.status.success());
+    pool.refresh(0).expect("refresh");
+
+    let id = identity("uid-real-qemu");
+    let pools = vec!["capl-test".to_owned()];
+    let overlay = root_volume(&id, Some((base.display().to_string(), "qcow2".into())));
+    host.ensure_volume("capl-test", &overlay.name, &overlay.to_xml().expect("xml"))
+        .expect("overlay");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(pool_dir.join(&overlay.name))
+        .output()
+        .expect("qemu-img info");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+    assert_eq!(
+        info["backing-filename"],
+        base.display().to_string(),
+        "the root disk is an overlay"
+    );
+
+    let status = host
+        .ensure_domain(&plan(id.clone(), "qemu", "capl-test"))
+        .expect("start");
+    assert_eq!(status.state, "running");
+    assert_eq!(
+        host.ensure_domain(&plan(id.clone(), "qemu", "capl-test"))
+            .expect("again")
+            .uuid,
+        status.uuid
+    );
+
+    host.delete_machine(&id, &pools, Duration::from_secs(1))
+        .expect("delete");
+    assert!(host.inventory(&id, &pools).expect("inventory").is_empty());
+    assert!(base.exists(), "the shared base image stays");
+    let qemu_left = libvirtd.pids().iter().any(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.contains(&id.domain_name()))
+    });
+    assert!(!qemu_left, "no QEMU process left");
+}
