@@ -9,6 +9,7 @@
 //! - [`telemetry`]: logging set-up.
 
 pub mod api;
+pub mod cloudinit;
 pub mod config;
 pub mod health;
 pub mod libvirt;

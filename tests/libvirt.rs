@@ -251,3 +251,44 @@ fn real_qemu_runs_a_machine_on_an_overlay_and_delete_leaves_nothing() {
     });
     assert!(!qemu_left, "no QEMU process left");
 }
+
+#[test]
+fn the_nocloud_seed_is_an_iso_labelled_cidata_with_the_files() {
+    use capl::cloudinit::{MetaData, Seed};
+    let seed = Seed {
+        user_data: b"#cloud-config\nruncmd:\n  - echo capl-marker\n".to_vec(),
+        meta_data: MetaData {
+            instance_id: "59564898-aad4-581d-adec-745ad193770f".into(),
+            local_hostname: "worker-1".into(),
+            provider_id: "libvirt://host-a/59564898-aad4-581d-adec-745ad193770f".into(),
+        },
+        network_config: None,
+    };
+    let iso = seed.to_iso().expect("ISO");
+    assert_eq!(iso.len() % 2048, 0);
+    let path = std::env::temp_dir().join(format!("capl-seed-{}.iso", std::process::id()));
+    std::fs::write(&path, &iso).expect("write");
+    let probe = |tag: &str| {
+        let out = std::process::Command::new("blkid")
+            .args(["-p", "-o", "value", "-s", tag])
+            .arg(&path)
+            .output()
+            .expect("blkid");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(probe("TYPE"), "iso9660");
+    assert_eq!(probe("LABEL"), "cidata");
+    // Joliet/Rock Ridge keep the long lowercase names cloud-init opens.
+    let bytes = String::from_utf8_lossy(&iso).into_owned();
+    assert!(bytes.contains("instance-id: 59564898-aad4-581d-adec-745ad193770f"));
+    assert!(bytes.contains("echo capl-marker"));
+    let names_utf16: Vec<u8> = "user-data"
+        .encode_utf16()
+        .flat_map(|u| u.to_be_bytes())
+        .collect();
+    assert!(
+        iso.windows(names_utf16.len()).any(|w| w == names_utf16),
+        "Joliet name user-data"
+    );
+    std::fs::remove_file(&path).ok();
+}
