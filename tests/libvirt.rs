@@ -292,3 +292,133 @@ fn the_nocloud_seed_is_an_iso_labelled_cidata_with_the_files() {
     );
     std::fs::remove_file(&path).ok();
 }
+
+/// A loopback HTTP server that serves `body` at any path and counts requests.
+async fn serve_image(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let body = Arc::new(body);
+    let app = axum::Router::new().fallback(move || {
+        let (body, counter) = (body.clone(), counter.clone());
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            body.as_ref().clone()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/images/base.qcow2"), hits)
+}
+
+fn dir_pool(host: &Host, name: &str, dir: &Path) {
+    std::fs::create_dir_all(dir).expect("pool dir");
+    let xml = format!(
+        "<pool type='dir'><name>{name}</name><target><path>{}</path></target></pool>",
+        dir.display()
+    );
+    let pool = host
+        .connection()
+        .define_storage_pool_xml(&xml, 0)
+        .or_else(|_| host.connection().lookup_storage_pool_by_name(name))
+        .expect("pool");
+    if !pool.is_active().unwrap_or(false) {
+        pool.create(0).expect("start pool");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_images_are_fetched_once_verified_and_shared() {
+    use capl::api::{ChecksumType, ImageFormat};
+    use capl::libvirt::hosts::Hosts;
+    use capl::libvirt::image::{Error as ImageError, ImageCache, ImageRequest};
+    use sha2::Digest;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let (uri, pool_dir) = {
+        let bed = support::shared();
+        let libvirtd = bed.libvirtd();
+        let libvirtd = libvirtd.as_ref().expect("libvirtd");
+        (libvirtd.uri.clone(), libvirtd.images().join("pool-images"))
+    };
+    let host = Host::open(&uri).expect("connect");
+    dir_pool(&host, "capl-images", &pool_dir);
+
+    let source = pool_dir.parent().expect("parent").join("source.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&source)
+        .arg("1G")
+        .output()
+        .expect("qemu-img");
+    assert!(made.status.success());
+    let bytes = std::fs::read(&source).expect("image bytes");
+    let digest: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (url, hits) = serve_image(bytes.clone()).await;
+
+    let hosts = std::sync::Arc::new(Hosts::new(4));
+    let cache = ImageCache::new(hosts.clone()).expect("image cache");
+    let request = ImageRequest {
+        url: url.clone(),
+        algorithm: ChecksumType::Sha256,
+        digest: digest.clone(),
+        format: ImageFormat::Qcow2,
+    };
+    let (first, second) = tokio::join!(
+        cache.ensure(&uri, "capl-images", &request),
+        cache.ensure(&uri, "capl-images", &request)
+    );
+    let path = first.expect("first fetch");
+    assert_eq!(second.expect("concurrent fetch"), path);
+    assert_eq!(
+        cache
+            .ensure(&uri, "capl-images", &request)
+            .await
+            .expect("cached"),
+        path
+    );
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "downloaded once"
+    );
+    assert_eq!(
+        std::fs::read(&path).expect("uploaded"),
+        bytes,
+        "the volume holds the image byte for byte"
+    );
+
+    // A wrong checksum is refused and leaves nothing behind.
+    let wrong = ImageRequest {
+        digest: "0".repeat(64),
+        ..request.clone()
+    };
+    match cache.ensure(&uri, "capl-images", &wrong).await {
+        Err(ImageError::Checksum { actual, .. }) => assert_eq!(actual, digest),
+        other => panic!("expected a checksum error, got {other:?}"),
+    }
+    assert!(
+        !host
+            .volume_exists("capl-images", &wrong.volume_name())
+            .expect("lookup"),
+        "the bad download was deleted"
+    );
+
+    // The in-process test driver cannot hold volume content, and says so.
+    let err = cache
+        .ensure("test:///default", "default-pool", &request)
+        .await
+        .expect_err("test driver");
+    assert!(
+        err.to_string()
+            .contains("test driver cannot store volume content"),
+        "{err}"
+    );
+}

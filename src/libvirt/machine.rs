@@ -59,11 +59,7 @@ fn state_name(state: DomainState) -> &'static str {
 
 impl Host {
     fn call_error(&self, call: &'static str) -> impl Fn(virt::error::Error) -> Error + '_ {
-        move |error| Error::Call {
-            call,
-            uri: self.uri().to_owned(),
-            error,
-        }
+        move |error| self.call(call, error)
     }
 
     /// The machine's domain, found by its deterministic UUID.

@@ -3,10 +3,16 @@
 //!
 //! - [`identity`]: names, UUIDs and MACs derived from the owning object (idempotent creation);
 //! - [`xml`]: domain XML from typed structs;
-//! - [`machine`]: idempotent create, leak-free delete and inventory of a machine on a host.
+//! - [`machine`]: idempotent create, leak-free delete and inventory of a machine on a host;
+//! - [`hosts`]: one shared connection per host URI, reconnecting, with bounded concurrency;
+//! - [`volumes`]: volume upload/download through libvirt streams, pool space;
+//! - [`image`]: base images fetched once per host and pool, streamed and verified.
 
+pub mod hosts;
 pub mod identity;
+pub mod image;
 pub mod machine;
+pub mod volumes;
 pub mod xml;
 
 use std::fmt;
@@ -24,6 +30,14 @@ pub enum Error {
     },
     #[error("building libvirt XML: {0}")]
     Xml(String),
+    #[error("{0} does not exist")]
+    Missing(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    #[error("the connection pool for {0} is closed")]
+    Closed(String),
+    #[error("a libvirt worker task failed: {0}")]
+    Worker(String),
     #[error("libvirt call {call} on {uri}: {error}")]
     Call {
         call: &'static str,
@@ -33,6 +47,27 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether the error means the connection itself is gone (the next call should reconnect).
+    pub fn is_connection_lost(&self) -> bool {
+        use virt::error::{ErrorDomain, ErrorNumber};
+        match self {
+            Error::Connect { .. } => true,
+            Error::Call { error, .. } => {
+                matches!(
+                    error.code().known(),
+                    Some(
+                        ErrorNumber::SystemError
+                            | ErrorNumber::NoConnect
+                            | ErrorNumber::InvalidConn
+                    )
+                ) || matches!(error.domain().known(), Some(ErrorDomain::Rpc))
+            }
+            _ => false,
+        }
+    }
+}
 
 /// A version number as libvirt encodes it (`major * 1_000_000 + minor * 1_000 + release`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -92,6 +127,20 @@ impl Host {
             uri: uri.to_owned(),
             conn,
         })
+    }
+
+    /// Whether the connection still answers.
+    pub fn is_alive(&self) -> bool {
+        self.conn.is_alive().unwrap_or(false)
+    }
+
+    /// Wraps a failed libvirt call with its name and this host's URI.
+    pub(crate) fn call(&self, call: &'static str, error: virt::error::Error) -> Error {
+        Error::Call {
+            call,
+            uri: self.uri.clone(),
+            error,
+        }
     }
 
     /// The URI this host was opened with.
