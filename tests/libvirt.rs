@@ -30,6 +30,7 @@ fn plan(identity: MachineIdentity, domain_type: &str, pool: &str) -> DomainPlan 
         }],
         interfaces: vec![],
         serial_log: None,
+        fw_cfg: vec![],
         identity,
     }
 }
@@ -421,4 +422,119 @@ async fn base_images_are_fetched_once_verified_and_shared() {
             .contains("test driver cannot store volume content"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_any_step_converges_to_one_machine_and_delete_leaves_nothing() {
+    use capl::api::{ChecksumType, ImageFormat};
+    use capl::cloudinit::{MetaData, Seed};
+    use capl::libvirt::hosts::Hosts;
+    use capl::libvirt::image::{ImageCache, ImageRequest};
+    use capl::libvirt::provision::{
+        BaseImage, Bootstrap, MachineRequest, Step, provision, run_step,
+    };
+    use sha2::Digest;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let (uri, pool_dir) = {
+        let bed = support::shared();
+        let libvirtd = bed.libvirtd();
+        let libvirtd = libvirtd.as_ref().expect("libvirtd");
+        (
+            libvirtd.uri.clone(),
+            libvirtd.images().join("pool-provision"),
+        )
+    };
+    let host = Host::open(&uri).expect("connect");
+    dir_pool(&host, "capl-provision", &pool_dir);
+    let source = pool_dir
+        .parent()
+        .expect("parent")
+        .join("provision-source.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&source)
+        .arg("512M")
+        .output()
+        .expect("qemu-img");
+    assert!(made.status.success());
+    let bytes = std::fs::read(&source).expect("bytes");
+    let digest: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (url, _) = serve_image(bytes).await;
+
+    let hosts = std::sync::Arc::new(Hosts::new(4));
+    let images = ImageCache::new(hosts.clone()).expect("cache");
+    for crash_after in 0..=Step::ALL.len() {
+        let id = identity(&format!("uid-crash-{crash_after}"));
+        let request = MachineRequest {
+            cluster: "prod".into(),
+            domain_type: "qemu".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            cpu_mode: "host-passthrough".into(),
+            uefi: false,
+            pool: "capl-provision".into(),
+            image: BaseImage::Url(ImageRequest {
+                url: url.clone(),
+                algorithm: ChecksumType::Sha256,
+                digest: digest.clone(),
+                format: ImageFormat::Qcow2,
+            }),
+            root_gib: 2,
+            data_volumes: vec![("etcd".into(), 1, "capl-provision".into())],
+            interfaces: vec![],
+            bootstrap: Some(Bootstrap::CloudConfig(Seed {
+                user_data: b"#cloud-config\n".to_vec(),
+                meta_data: MetaData {
+                    instance_id: id.domain_uuid().to_string(),
+                    local_hostname: "worker-1".into(),
+                    provider_id: format!("libvirt://bed/{}", id.domain_uuid()),
+                },
+                network_config: None,
+            })),
+            identity: id.clone(),
+        };
+        // An earlier attempt got this far and crashed.
+        for step in &Step::ALL[..crash_after] {
+            run_step(&hosts, &images, &uri, &request, *step)
+                .await
+                .unwrap_or_else(|e| panic!("step {step:?}: {e}"));
+        }
+        let status = provision(&hosts, &images, &uri, &request)
+            .await
+            .unwrap_or_else(|e| panic!("after a crash at {crash_after}: {e}"));
+        assert_eq!(status.state, "running", "crash after {crash_after} steps");
+        let same_uuid = host
+            .connection()
+            .list_all_domains(0)
+            .expect("list")
+            .iter()
+            .filter(|d| {
+                d.uuid_string()
+                    .is_ok_and(|u| u == id.domain_uuid().to_string())
+            })
+            .count();
+        assert_eq!(
+            same_uuid, 1,
+            "exactly one VM after a crash at step {crash_after}"
+        );
+        let inventory = host.inventory(&id, &request.pools()).expect("inventory");
+        assert_eq!(
+            inventory.volumes.len(),
+            3,
+            "root, data and seed: {inventory:?}"
+        );
+
+        host.delete_machine(&id, &request.pools(), Duration::from_secs(1))
+            .expect("delete");
+        assert!(
+            host.inventory(&id, &request.pools())
+                .expect("inventory")
+                .is_empty(),
+            "nothing leaked"
+        );
+    }
 }

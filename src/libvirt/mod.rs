@@ -6,12 +6,14 @@
 //! - [`machine`]: idempotent create, leak-free delete and inventory of a machine on a host;
 //! - [`hosts`]: one shared connection per host URI, reconnecting, with bounded concurrency;
 //! - [`volumes`]: volume upload/download through libvirt streams, pool space;
-//! - [`image`]: base images fetched once per host and pool, streamed and verified.
+//! - [`image`]: base images fetched once per host and pool, streamed and verified;
+//! - [`provision`]: machine creation as idempotent, crash-safe steps.
 
 pub mod hosts;
 pub mod identity;
 pub mod image;
 pub mod machine;
+pub mod provision;
 pub mod volumes;
 pub mod xml;
 

@@ -27,6 +27,9 @@ pub struct DomainPlan {
     pub interfaces: Vec<InterfacePlan>,
     /// Where the host keeps the serial console's log (boot diagnostics).
     pub serial_log: Option<String>,
+    /// QEMU fw_cfg entries backed by host files: (name, path), e.g. Ignition's
+    /// `opt/com.coreos/config`.
+    pub fw_cfg: Vec<(String, String)>,
 }
 
 /// A disk backed by a storage volume.
@@ -65,6 +68,8 @@ struct Domain {
     vcpu: u32,
     cpu: Cpu,
     os: Os,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sysinfo: Option<Sysinfo>,
     features: Features,
     on_poweroff: &'static str,
     on_reboot: &'static str,
@@ -127,6 +132,21 @@ struct OsType {
 struct Boot {
     #[serde(rename = "@dev")]
     dev: &'static str,
+}
+
+#[derive(Serialize)]
+struct Sysinfo {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    entry: Vec<SysinfoEntry>,
+}
+
+#[derive(Serialize)]
+struct SysinfoEntry {
+    #[serde(rename = "@name")]
+    name: String,
+    #[serde(rename = "@file")]
+    file: String,
 }
 
 #[derive(Serialize)]
@@ -292,6 +312,17 @@ impl DomainPlan {
                 },
                 boot: vec![Boot { dev: "hd" }],
             },
+            sysinfo: (!self.fw_cfg.is_empty()).then(|| Sysinfo {
+                kind: "fwcfg",
+                entry: self
+                    .fw_cfg
+                    .iter()
+                    .map(|(name, file)| SysinfoEntry {
+                        name: name.clone(),
+                        file: file.clone(),
+                    })
+                    .collect(),
+            }),
             features: Features {
                 acpi: Empty {},
                 apic: Empty {},
