@@ -31,6 +31,7 @@ fn plan(identity: MachineIdentity, domain_type: &str, pool: &str) -> DomainPlan 
         interfaces: vec![],
         serial_log: None,
         fw_cfg: vec![],
+        direct_boot: None,
         identity,
     }
 }
@@ -495,6 +496,7 @@ async fn a_crash_after_any_step_converges_to_one_machine_and_delete_leaves_nothi
                 },
                 network_config: None,
             })),
+            direct_boot: None,
             identity: id.clone(),
         };
         // An earlier attempt got this far and crashed.
@@ -537,4 +539,165 @@ async fn a_crash_after_any_step_converges_to_one_machine_and_delete_leaves_nothi
             "nothing leaked"
         );
     }
+}
+
+/// The whole path on real QEMU: a tiny Debian guest (kernel + busybox initramfs, built from Debian
+/// packages by tests/guest/build.sh) boots on an overlay of a downloaded base image, reads our
+/// NoCloud seed, prints the user-data marker on its serial console (read back through libvirt),
+/// and takes a DHCP lease on an isolated network inside the bed's namespace, which the backend
+/// reports as its address. Delete leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_guest_boots_reads_its_seed_and_gets_an_address() {
+    use capl::api::{ChecksumType, ImageFormat};
+    use capl::cloudinit::{MetaData, Seed};
+    use capl::libvirt::hosts::Hosts;
+    use capl::libvirt::image::{ImageCache, ImageRequest};
+    use capl::libvirt::machine::AddressSource;
+    use capl::libvirt::provision::{BaseImage, Bootstrap, MachineRequest, provision};
+    use capl::libvirt::xml::DirectBoot;
+    use sha2::Digest;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let build = std::process::Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh"),
+    )
+    .output()
+    .expect("tests/guest/build.sh");
+    assert!(
+        build.status.success(),
+        "building the test guest failed: {}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let guest = std::path::PathBuf::from(String::from_utf8_lossy(&build.stdout).trim());
+
+    let (uri, pool_dir) = {
+        let bed = support::shared();
+        let libvirtd = bed.libvirtd();
+        let libvirtd = libvirtd.as_ref().expect("libvirtd");
+        (libvirtd.uri.clone(), libvirtd.images().join("pool-guest"))
+    };
+    let host = Host::open(&uri).expect("connect");
+    dir_pool(&host, "capl-guest", &pool_dir);
+    // An isolated network (no <forward>): its bridge and dnsmasq exist only in the bed's namespace.
+    let network = host.connection().define_network_xml(
+        "<network><name>capl-guestnet</name><bridge name='caplgn0'/>\
+         <ip address='10.213.7.1' netmask='255.255.255.0'><dhcp><range start='10.213.7.10' end='10.213.7.50'/></dhcp></ip></network>",
+    ).expect("network");
+    network.create().expect("start the isolated network");
+
+    let source = pool_dir.parent().expect("parent").join("guest-base.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&source)
+        .arg("1G")
+        .output()
+        .expect("qemu-img");
+    assert!(made.status.success());
+    let bytes = std::fs::read(&source).expect("bytes");
+    let digest: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (url, _) = serve_image(bytes).await;
+
+    let id = identity("uid-real-guest");
+    let marker = format!("capl-marker-{}", id.domain_uuid());
+    let request = MachineRequest {
+        cluster: "prod".into(),
+        domain_type: "qemu".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        cpu_mode: "host-passthrough".into(),
+        uefi: false,
+        pool: "capl-guest".into(),
+        image: BaseImage::Url(ImageRequest {
+            url,
+            algorithm: ChecksumType::Sha256,
+            digest,
+            format: ImageFormat::Qcow2,
+        }),
+        root_gib: 2,
+        data_volumes: vec![],
+        interfaces: vec![InterfacePlan {
+            source: InterfaceSource::Network("capl-guestnet".into()),
+            mac: id.mac("eth0"),
+            model: "virtio".into(),
+        }],
+        bootstrap: Some(Bootstrap::CloudConfig(Seed {
+            user_data: format!("#cloud-config\nruncmd:\n  - echo {marker}\n").into_bytes(),
+            meta_data: MetaData {
+                instance_id: id.domain_uuid().to_string(),
+                local_hostname: "worker-1".into(),
+                provider_id: format!("libvirt://bed/{}", id.domain_uuid()),
+            },
+            network_config: None,
+        })),
+        direct_boot: Some(DirectBoot {
+            kernel: guest.join("vmlinuz").display().to_string(),
+            initrd: guest.join("initrd.img").display().to_string(),
+            cmdline: "console=ttyS0 panic=-1".into(),
+        }),
+        identity: id.clone(),
+    };
+    let hosts = std::sync::Arc::new(Hosts::new(4));
+    let images = ImageCache::new(hosts.clone()).expect("cache");
+    let started = std::time::Instant::now();
+    let status = provision(&hosts, &images, &uri, &request)
+        .await
+        .expect("provision");
+    assert_eq!(status.state, "running");
+
+    let mut console = String::new();
+    let mut lease = None;
+    while started.elapsed() < Duration::from_secs(180)
+        && (lease.is_none() || !console.contains(&marker))
+    {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        console = host
+            .console_tail(&id, "capl-guest", 64 * 1024)
+            .expect("console");
+        if lease.is_none() {
+            lease = host
+                .addresses(&id)
+                .expect("addresses")
+                .into_iter()
+                .find(|a| a.source == AddressSource::Lease);
+            if lease.is_some() {
+                println!("address after {:?}: {:?}", started.elapsed(), lease);
+            }
+        }
+    }
+    assert!(
+        console.contains("capl-guest: seed found") && console.contains(&marker),
+        "the guest read its seed; console:\n{console}"
+    );
+    assert!(
+        console.contains(&format!("instance-id: {}", id.domain_uuid())),
+        "meta-data reached the guest:\n{console}"
+    );
+    let lease = lease.unwrap_or_else(|| panic!("no DHCP lease reported; console:\n{console}"));
+    assert!(
+        lease.address.to_string().starts_with("10.213.7."),
+        "{lease:?}"
+    );
+    assert_eq!(
+        lease.mac.as_deref(),
+        Some(id.mac("eth0").to_string().as_str())
+    );
+    println!(
+        "guest booted and leased {} in {:?}",
+        lease.address,
+        started.elapsed()
+    );
+
+    host.delete_machine(&id, &request.pools(), Duration::from_secs(2))
+        .expect("delete");
+    assert!(
+        host.inventory(&id, &request.pools())
+            .expect("inventory")
+            .is_empty(),
+        "no domain, no volume left"
+    );
+    network.destroy().expect("stop network");
+    network.undefine().expect("undefine network");
 }

@@ -257,3 +257,102 @@ fn is_unsupported(error: &virt::error::Error) -> bool {
         Some(ErrorNumber::NoSupport | ErrorNumber::InvalidArg | ErrorNumber::ArgumentUnsupported)
     )
 }
+
+/// Where an address was learned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddressSource {
+    /// The libvirt network's DHCP server.
+    Lease,
+    /// The QEMU guest agent inside the VM.
+    Agent,
+}
+
+/// One address of a running guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestAddress {
+    pub mac: Option<String>,
+    pub address: std::net::IpAddr,
+    pub source: AddressSource,
+}
+
+/// What a host offers (placement input).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostFacts {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub free_memory_bytes: u64,
+}
+
+impl Host {
+    /// The guest's addresses from DHCP leases and the guest agent, merged (lease first). Either
+    /// source may be silent (no agent installed, static addressing); the caller keeps the last
+    /// known address when both are.
+    pub fn addresses(&self, identity: &MachineIdentity) -> Result<Vec<GuestAddress>> {
+        let Some(domain) = self.find_domain(identity)? else {
+            return Ok(Vec::new());
+        };
+        let mut found: Vec<GuestAddress> = Vec::new();
+        for (source, raw) in [
+            (
+                AddressSource::Lease,
+                sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+            ),
+            (
+                AddressSource::Agent,
+                sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+            ),
+        ] {
+            let interfaces = match domain.interface_addresses(raw, 0) {
+                Ok(interfaces) => interfaces,
+                Err(error) => {
+                    tracing::debug!(uri = self.uri(), ?source, %error, "no addresses from this source");
+                    continue;
+                }
+            };
+            for interface in interfaces {
+                for addr in &interface.addrs {
+                    let Ok(ip) = addr.addr.parse::<std::net::IpAddr>() else {
+                        continue;
+                    };
+                    let useful = !ip.is_loopback()
+                        && !matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local());
+                    if useful && !found.iter().any(|f| f.address == ip) {
+                        found.push(GuestAddress {
+                            mac: interface.hwaddr.clone(),
+                            address: ip,
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// CPUs and memory of the host.
+    pub fn facts(&self) -> Result<HostFacts> {
+        let info = self
+            .connection()
+            .node_info()
+            .map_err(self.call_error("virNodeGetInfo"))?;
+        let free = self
+            .connection()
+            .free_memory()
+            .map_err(self.call_error("virNodeGetFreeMemory"))?;
+        Ok(HostFacts {
+            cpus: info.cpus,
+            memory_bytes: info.memory * 1024,
+            free_memory_bytes: free,
+        })
+    }
+
+    /// The last `max` bytes of the machine's serial console (boot diagnostics), empty when the
+    /// host keeps no log for it.
+    pub fn console_tail(&self, identity: &MachineIdentity, pool: &str, max: u64) -> Result<String> {
+        if let Ok(pool) = self.connection().lookup_storage_pool_by_name(pool) {
+            let _ = pool.refresh(0);
+        }
+        let bytes = self.download_tail(pool, &identity.volume_name("serial", "log"), max)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}

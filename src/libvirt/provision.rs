@@ -9,7 +9,7 @@ use super::hosts::Hosts;
 use super::identity::MachineIdentity;
 use super::image::{self, ImageCache, ImageRequest};
 use super::machine::DomainStatus;
-use super::xml::{DiskPlan, DomainPlan, InterfacePlan, VolumePlan};
+use super::xml::{DirectBoot, DiskPlan, DomainPlan, InterfacePlan, VolumePlan};
 use super::{Error, Host};
 use crate::cloudinit::Seed;
 
@@ -60,6 +60,8 @@ pub struct MachineRequest {
     pub data_volumes: Vec<(String, u64, String)>,
     pub interfaces: Vec<InterfacePlan>,
     pub bootstrap: Option<Bootstrap>,
+    /// Boot a kernel directly (tests and appliance images); `None` boots the root disk.
+    pub direct_boot: Option<DirectBoot>,
 }
 
 /// The steps of creation, in order.
@@ -103,6 +105,12 @@ impl MachineRequest {
         self.identity.volume_name("ignition", "json")
     }
 
+    /// Volume name of the serial console log, kept beside the root disk so the backend can read
+    /// it back through libvirt (boot diagnostics) and deletes it with the machine.
+    pub fn serial_log_name(&self) -> String {
+        self.identity.volume_name("serial", "log")
+    }
+
     /// Every pool the machine may own volumes in (for delete and inventory).
     pub fn pools(&self) -> Vec<String> {
         let mut pools = vec![self.pool.clone()];
@@ -112,8 +120,9 @@ impl MachineRequest {
         pools
     }
 
-    /// The domain definition; `ignition_path` is the host path of the uploaded Ignition config.
-    fn domain_plan(&self, ignition_path: Option<String>) -> DomainPlan {
+    /// The domain definition; `ignition_path` is the host path of the uploaded Ignition config,
+    /// `serial_log` where the console log goes.
+    fn domain_plan(&self, ignition_path: Option<String>, serial_log: Option<String>) -> DomainPlan {
         let mut disks = vec![DiskPlan {
             pool: self.pool.clone(),
             volume: self.root_name(),
@@ -146,10 +155,11 @@ impl MachineRequest {
             uefi: self.uefi,
             disks,
             interfaces: self.interfaces.clone(),
-            serial_log: None,
+            serial_log,
             fw_cfg: ignition_path
                 .map(|path| vec![(IGNITION_FW_CFG.to_owned(), path)])
                 .unwrap_or_default(),
+            direct_boot: self.direct_boot.clone(),
         }
     }
 }
@@ -288,7 +298,15 @@ fn domain_plan_on(host: &Host, req: &MachineRequest) -> Result<DomainPlan, Error
         Some(Bootstrap::Ignition(_)) => Some(host.volume_path(&req.pool, &req.ignition_name())?),
         _ => None,
     };
-    Ok(req.domain_plan(ignition_path))
+    // The log lives in the root disk's directory when the pool is a directory.
+    let serial_log = host
+        .volume_path(&req.pool, &req.root_name())
+        .ok()
+        .and_then(|root| {
+            let dir = std::path::Path::new(&root).parent()?.to_owned();
+            Some(dir.join(req.serial_log_name()).display().to_string())
+        });
+    Ok(req.domain_plan(ignition_path, serial_log))
 }
 
 fn define(host: &Host, req: &MachineRequest) -> Result<(), Error> {

@@ -30,6 +30,16 @@ pub struct DomainPlan {
     /// QEMU fw_cfg entries backed by host files: (name, path), e.g. Ignition's
     /// `opt/com.coreos/config`.
     pub fw_cfg: Vec<(String, String)>,
+    /// Boot a kernel directly instead of the root disk's boot loader.
+    pub direct_boot: Option<DirectBoot>,
+}
+
+/// Kernel, initrd and command line on the host, booted directly.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DirectBoot {
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
 }
 
 /// A disk backed by a storage volume.
@@ -117,6 +127,12 @@ struct Os {
     firmware: Option<&'static str>,
     #[serde(rename = "type")]
     kind: OsType,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernel: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    initrd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cmdline: Option<String>,
     boot: Vec<Boot>,
 }
 
@@ -310,7 +326,14 @@ impl DomainPlan {
                     arch: "x86_64",
                     value: "hvm",
                 },
-                boot: vec![Boot { dev: "hd" }],
+                kernel: self.direct_boot.as_ref().map(|b| b.kernel.clone()),
+                initrd: self.direct_boot.as_ref().map(|b| b.initrd.clone()),
+                cmdline: self.direct_boot.as_ref().map(|b| b.cmdline.clone()),
+                boot: if self.direct_boot.is_some() {
+                    vec![]
+                } else {
+                    vec![Boot { dev: "hd" }]
+                },
             },
             sysinfo: (!self.fw_cfg.is_empty()).then(|| Sysinfo {
                 kind: "fwcfg",

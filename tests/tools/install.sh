@@ -21,7 +21,7 @@ log() { printf '[install] %s\n' "$*" >&2; }
 apt_packages=(
 	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
 	qemu-system-x86 qemu-utils dnsmasq-base iptables iproute2 pkg-config
-	openssl ca-certificates
+	openssl ca-certificates cpio xz-utils kmod
 )
 
 install_apt() {
