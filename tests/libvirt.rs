@@ -701,3 +701,134 @@ async fn a_real_guest_boots_reads_its_seed_and_gets_an_address() {
     network.destroy().expect("stop network");
     network.undefine().expect("undefine network");
 }
+
+/// Ignition reaches the guest through QEMU fw_cfg (`opt/com.coreos/config`), and an existing
+/// volume serves as the backing image of the root disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignition_reaches_the_guest_through_fw_cfg_on_an_existing_volume() {
+    use capl::libvirt::hosts::Hosts;
+    use capl::libvirt::image::ImageCache;
+    use capl::libvirt::provision::{BaseImage, Bootstrap, MachineRequest, provision};
+    use capl::libvirt::xml::DirectBoot;
+
+    let build = std::process::Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh"),
+    )
+    .output()
+    .expect("tests/guest/build.sh");
+    assert!(
+        build.status.success(),
+        "building the test guest failed: {}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let guest = std::path::PathBuf::from(String::from_utf8_lossy(&build.stdout).trim());
+    let (uri, pool_dir) = {
+        let bed = support::shared();
+        let libvirtd = bed.libvirtd();
+        let libvirtd = libvirtd.as_ref().expect("libvirtd");
+        (
+            libvirtd.uri.clone(),
+            libvirtd.images().join("pool-ignition"),
+        )
+    };
+    let host = Host::open(&uri).expect("connect");
+    dir_pool(&host, "capl-ignition", &pool_dir);
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(pool_dir.join("golden.qcow2"))
+        .arg("1G")
+        .output()
+        .expect("qemu-img");
+    assert!(made.status.success());
+    host.connection()
+        .lookup_storage_pool_by_name("capl-ignition")
+        .expect("pool")
+        .refresh(0)
+        .expect("refresh");
+
+    let id = identity("uid-ignition");
+    let marker = format!("capl-ignition-{}", id.domain_uuid());
+    let request = MachineRequest {
+        cluster: "prod".into(),
+        domain_type: "qemu".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        cpu_mode: "host-model".into(),
+        uefi: false,
+        pool: "capl-ignition".into(),
+        image: BaseImage::Volume {
+            pool: "capl-ignition".into(),
+            name: "golden.qcow2".into(),
+        },
+        root_gib: 2,
+        data_volumes: vec![],
+        interfaces: vec![],
+        bootstrap: Some(Bootstrap::Ignition(
+            format!("{{\"ignition\":{{\"version\":\"3.4.0\"}},\"capl\":\"{marker}\"}}")
+                .into_bytes(),
+        )),
+        direct_boot: Some(DirectBoot {
+            kernel: guest.join("vmlinuz").display().to_string(),
+            initrd: guest.join("initrd.img").display().to_string(),
+            cmdline: "console=ttyS0 panic=-1".into(),
+        }),
+        identity: id.clone(),
+    };
+    let hosts = std::sync::Arc::new(Hosts::new(4));
+    let images = ImageCache::new(hosts.clone()).expect("cache");
+    provision(&hosts, &images, &uri, &request)
+        .await
+        .expect("provision");
+    let root = host
+        .volume_path("capl-ignition", &id.volume_name("root", "qcow2"))
+        .expect("root path");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&root)
+        .output()
+        .expect("qemu-img info");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+    assert!(
+        info["backing-filename"]
+            .as_str()
+            .is_some_and(|b| b.ends_with("golden.qcow2")),
+        "{info}"
+    );
+    assert_eq!(
+        info["virtual-size"],
+        2u64 << 30,
+        "the overlay has the requested size"
+    );
+
+    let started = std::time::Instant::now();
+    let mut console = String::new();
+    while started.elapsed() < Duration::from_secs(120) && !console.contains(&marker) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        console = host
+            .console_tail(&id, "capl-ignition", 64 * 1024)
+            .expect("console");
+    }
+    assert!(
+        console.contains(&format!(
+            "capl-guest: ignition {{\"ignition\":{{\"version\":\"3.4.0\"}},\"capl\":\"{marker}\"}}"
+        )),
+        "console:\n{console}"
+    );
+    assert!(
+        console.contains("capl-guest: no seed"),
+        "no NoCloud seed with Ignition"
+    );
+
+    host.delete_machine(&id, &request.pools(), Duration::from_secs(1))
+        .expect("delete");
+    assert!(
+        host.inventory(&id, &request.pools())
+            .expect("inventory")
+            .is_empty()
+    );
+    assert!(
+        host.volume_exists("capl-ignition", "golden.qcow2")
+            .expect("lookup"),
+        "the existing source volume is not the machine's"
+    );
+}

@@ -32,7 +32,7 @@ cp busybox/bin/busybox "$root/bin/busybox"
 cp "$here/init" "$root/init"
 chmod +x "$root/init" "$root/bin/busybox"
 # The wanted modules and everything they depend on (modules.dep), uncompressed.
-wanted="virtio_pci virtio_net virtio_blk ahci sr_mod isofs"
+wanted="virtio_pci virtio_net virtio_blk ahci sr_mod isofs qemu_fw_cfg"
 declare -A seen=()
 queue=()
 for m in $wanted; do
