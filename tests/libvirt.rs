@@ -832,3 +832,50 @@ async fn ignition_reaches_the_guest_through_fw_cfg_on_an_existing_volume() {
         "the existing source volume is not the machine's"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_shared_and_reopened_after_libvirtd_restarts() {
+    use capl::libvirt::hosts::Hosts;
+    use support::libvirtd::Libvirtd;
+    use support::process::Lifetime;
+
+    let dir = support::shared().test_dir("restart").join("libvirt");
+    let mut libvirtd = Libvirtd::start(&dir, Lifetime::TestProcess).expect("a private libvirtd");
+    let uri = libvirtd.uri.clone();
+    let hosts = Hosts::new(2);
+    async fn hostname(
+        hosts: &Hosts,
+        uri: &str,
+    ) -> capl::libvirt::Result<capl::libvirt::machine::HostFacts> {
+        hosts.run(uri, |host| host.facts()).await
+    }
+    let before = hostname(&hosts, &uri).await.expect("first call");
+    assert_eq!(hosts.open_connections(), 1);
+    hostname(&hosts, &uri)
+        .await
+        .expect("second call on the same connection");
+    assert_eq!(hosts.open_connections(), 1, "one connection per host URI");
+
+    // libvirtd restarts (upgrade, crash): the same URI answers again.
+    libvirtd.stop();
+    let mut libvirtd = Libvirtd::start(&dir, Lifetime::TestProcess).expect("libvirtd again");
+    assert_eq!(libvirtd.uri, uri);
+    let mut attempts = 0;
+    let after = loop {
+        attempts += 1;
+        match hostname(&hosts, &uri).await {
+            Ok(name) => break name,
+            Err(e) if attempts < 3 => assert!(
+                e.is_connection_lost(),
+                "a lost connection is reported as such: {e}"
+            ),
+            Err(e) => panic!("no reconnect after {attempts} attempts: {e}"),
+        }
+    };
+    assert_eq!(before.cpus, after.cpus);
+    assert!(
+        attempts <= 2,
+        "reconnected on the next call, took {attempts}"
+    );
+    libvirtd.stop();
+}
