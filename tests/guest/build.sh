@@ -8,7 +8,12 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${CAPL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cluster-api-provider-libvirt}"
-kpkg="$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')"
+resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'; }
+kpkg="$(resolve)"
+if [ -z "$kpkg" ]; then
+	apt-get update -qq >&2
+	kpkg="$(resolve)"
+fi
 [ -n "$kpkg" ] || { echo "cannot resolve linux-image-amd64 (run apt-get update)" >&2; exit 1; }
 key="$(sha256sum "$here/init" "$here/build.sh" | sha256sum | cut -c1-12)"
 out="$cache/guest/$kpkg-$key"
