@@ -3,7 +3,9 @@
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use capl::libvirt::Host;
@@ -186,33 +188,14 @@ fn test_driver_recovers_from_a_crash_between_define_and_start() {
 
 #[test]
 fn real_qemu_runs_a_machine_on_an_overlay_and_delete_leaves_nothing() {
-    let bed = support::shared();
-    let libvirtd = bed.libvirtd();
-    let libvirtd = libvirtd.as_ref().expect("libvirtd");
-    let host = libvirtd.connect().expect("connect");
-    let pool_dir = libvirtd.images().join("pool-overlay");
-    std::fs::create_dir_all(&pool_dir).expect("pool dir");
-    let pool_xml = format!(
-        "<pool type='dir'><name>capl-test</name><target><path>{}</path></target></pool>",
-        pool_dir.display()
-    );
+    let (_, host, pool_dir) = bed_pool("capl-test");
     let pool = host
         .connection()
-        .define_storage_pool_xml(&pool_xml, 0)
-        .or_else(|_| host.connection().lookup_storage_pool_by_name("capl-test"))
+        .lookup_storage_pool_by_name("capl-test")
         .expect("pool");
-    if !pool.is_active().unwrap_or(false) {
-        pool.create(0).expect("start pool");
-    }
     // The base image: made here, never touched by the machine.
     let base = pool_dir.join("base.qcow2");
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&base)
-        .arg("256M")
-        .output()
-        .expect("qemu-img");
-    assert!(made.status.success());
+    qcow2(&base, "256M");
     pool.refresh(0).expect("refresh");
 
     let id = identity("uid-real-qemu");
@@ -247,10 +230,17 @@ fn real_qemu_runs_a_machine_on_an_overlay_and_delete_leaves_nothing() {
         .expect("delete");
     assert!(host.inventory(&id, &pools).expect("inventory").is_empty());
     assert!(base.exists(), "the shared base image stays");
-    let qemu_left = libvirtd.pids().iter().any(|pid| {
-        std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| c.contains(&id.domain_name()))
-    });
+    let bed = support::shared();
+    let libvirtd = bed.libvirtd();
+    let qemu_left = libvirtd
+        .as_ref()
+        .expect("libvirtd")
+        .pids()
+        .iter()
+        .any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.contains(&id.domain_name()))
+        });
     assert!(!qemu_left, "no QEMU process left");
 }
 
@@ -333,37 +323,78 @@ fn dir_pool(host: &Host, name: &str, dir: &Path) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn base_images_are_fetched_once_verified_and_shared() {
-    use capl::api::{ChecksumType, ImageFormat};
-    use capl::libvirt::hosts::Hosts;
-    use capl::libvirt::image::{Error as ImageError, ImageCache, ImageRequest};
-    use sha2::Digest;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-
-    let (uri, pool_dir) = {
+/// The bed's libvirtd URI, a connection to it, and a started directory pool `name`.
+fn bed_pool(name: &str) -> (String, Host, PathBuf) {
+    let (uri, dir) = {
         let bed = support::shared();
         let libvirtd = bed.libvirtd();
         let libvirtd = libvirtd.as_ref().expect("libvirtd");
-        (libvirtd.uri.clone(), libvirtd.images().join("pool-images"))
+        (libvirtd.uri.clone(), libvirtd.images().join(name))
     };
-    let host = Host::open(&uri).expect("connect");
-    dir_pool(&host, "capl-images", &pool_dir);
+    let host = Host::open(&uri).expect("connecting to the bed's libvirtd");
+    dir_pool(&host, name, &dir);
+    (uri, host, dir)
+}
 
-    let source = pool_dir.parent().expect("parent").join("source.qcow2");
+/// Makes an empty qcow2 image of `size` at `path` with qemu-img.
+fn qcow2(path: &Path, size: &str) {
     let made = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
-        .arg(&source)
-        .arg("1G")
+        .arg(path)
+        .arg(size)
         .output()
         .expect("qemu-img");
-    assert!(made.status.success());
+    assert!(
+        made.status.success(),
+        "qemu-img: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+}
+
+/// A base image made next to `pool_dir` and served over loopback HTTP:
+/// (URL, sha256, bytes, request counter).
+async fn served_base(pool_dir: &Path, size: &str) -> (String, String, Vec<u8>, Arc<AtomicUsize>) {
+    use sha2::Digest;
+    let source = pool_dir.with_extension("source.qcow2");
+    qcow2(&source, size);
     let bytes = std::fs::read(&source).expect("image bytes");
     let digest: String = sha2::Sha256::digest(&bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
     let (url, hits) = serve_image(bytes.clone()).await;
+    (url, digest, bytes, hits)
+}
+
+/// The tiny Debian guest from tests/guest/build.sh, booted directly.
+fn test_guest() -> capl::libvirt::xml::DirectBoot {
+    let build = std::process::Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh"),
+    )
+    .output()
+    .expect("tests/guest/build.sh");
+    assert!(
+        build.status.success(),
+        "building the test guest failed: {}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let dir = PathBuf::from(String::from_utf8_lossy(&build.stdout).trim());
+    capl::libvirt::xml::DirectBoot {
+        kernel: dir.join("vmlinuz").display().to_string(),
+        initrd: dir.join("initrd.img").display().to_string(),
+        cmdline: "console=ttyS0 panic=-1".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_images_are_fetched_once_verified_and_shared() {
+    use capl::api::{ChecksumType, ImageFormat};
+    use capl::libvirt::hosts::Hosts;
+    use capl::libvirt::image::{Error as ImageError, ImageCache, ImageRequest};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let (uri, host, pool_dir) = bed_pool("capl-images");
+    let (url, digest, bytes, hits) = served_base(&pool_dir, "1G").await;
 
     let hosts = std::sync::Arc::new(Hosts::new(4));
     let cache = ImageCache::new(hosts.clone()).expect("image cache");
@@ -434,37 +465,10 @@ async fn a_crash_after_any_step_converges_to_one_machine_and_delete_leaves_nothi
     use capl::libvirt::provision::{
         BaseImage, Bootstrap, MachineRequest, Step, provision, run_step,
     };
-    use sha2::Digest;
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let (uri, pool_dir) = {
-        let bed = support::shared();
-        let libvirtd = bed.libvirtd();
-        let libvirtd = libvirtd.as_ref().expect("libvirtd");
-        (
-            libvirtd.uri.clone(),
-            libvirtd.images().join("pool-provision"),
-        )
-    };
-    let host = Host::open(&uri).expect("connect");
-    dir_pool(&host, "capl-provision", &pool_dir);
-    let source = pool_dir
-        .parent()
-        .expect("parent")
-        .join("provision-source.qcow2");
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&source)
-        .arg("512M")
-        .output()
-        .expect("qemu-img");
-    assert!(made.status.success());
-    let bytes = std::fs::read(&source).expect("bytes");
-    let digest: String = sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let (url, _) = serve_image(bytes).await;
+    let (uri, host, pool_dir) = bed_pool("capl-provision");
+    let (url, digest, _, _) = served_base(&pool_dir, "512M").await;
 
     let hosts = std::sync::Arc::new(Hosts::new(4));
     let images = ImageCache::new(hosts.clone()).expect("cache");
@@ -526,8 +530,8 @@ async fn a_crash_after_any_step_converges_to_one_machine_and_delete_leaves_nothi
         let inventory = host.inventory(&id, &request.pools()).expect("inventory");
         assert_eq!(
             inventory.volumes.len(),
-            3,
-            "root, data and seed: {inventory:?}"
+            4,
+            "root, data, seed and console log: {inventory:?}"
         );
 
         host.delete_machine(&id, &request.pools(), Duration::from_secs(1))
@@ -554,30 +558,10 @@ async fn a_real_guest_boots_reads_its_seed_and_gets_an_address() {
     use capl::libvirt::image::{ImageCache, ImageRequest};
     use capl::libvirt::machine::AddressSource;
     use capl::libvirt::provision::{BaseImage, Bootstrap, MachineRequest, provision};
-    use capl::libvirt::xml::DirectBoot;
-    use sha2::Digest;
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let build = std::process::Command::new(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh"),
-    )
-    .output()
-    .expect("tests/guest/build.sh");
-    assert!(
-        build.status.success(),
-        "building the test guest failed: {}",
-        String::from_utf8_lossy(&build.stderr)
-    );
-    let guest = std::path::PathBuf::from(String::from_utf8_lossy(&build.stdout).trim());
-
-    let (uri, pool_dir) = {
-        let bed = support::shared();
-        let libvirtd = bed.libvirtd();
-        let libvirtd = libvirtd.as_ref().expect("libvirtd");
-        (libvirtd.uri.clone(), libvirtd.images().join("pool-guest"))
-    };
-    let host = Host::open(&uri).expect("connect");
-    dir_pool(&host, "capl-guest", &pool_dir);
+    let direct_boot = test_guest();
+    let (uri, host, pool_dir) = bed_pool("capl-guest");
     // An isolated network (no <forward>): its bridge and dnsmasq exist only in the bed's namespace.
     let network = host.connection().define_network_xml(
         "<network><name>capl-guestnet</name><bridge name='caplgn0'/>\
@@ -585,20 +569,7 @@ async fn a_real_guest_boots_reads_its_seed_and_gets_an_address() {
     ).expect("network");
     network.create().expect("start the isolated network");
 
-    let source = pool_dir.parent().expect("parent").join("guest-base.qcow2");
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&source)
-        .arg("1G")
-        .output()
-        .expect("qemu-img");
-    assert!(made.status.success());
-    let bytes = std::fs::read(&source).expect("bytes");
-    let digest: String = sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let (url, _) = serve_image(bytes).await;
+    let (url, digest, _, _) = served_base(&pool_dir, "1G").await;
 
     let id = identity("uid-real-guest");
     let marker = format!("capl-marker-{}", id.domain_uuid());
@@ -632,11 +603,7 @@ async fn a_real_guest_boots_reads_its_seed_and_gets_an_address() {
             },
             network_config: None,
         })),
-        direct_boot: Some(DirectBoot {
-            kernel: guest.join("vmlinuz").display().to_string(),
-            initrd: guest.join("initrd.img").display().to_string(),
-            cmdline: "console=ttyS0 panic=-1".into(),
-        }),
+        direct_boot: Some(direct_boot),
         identity: id.clone(),
     };
     let hosts = std::sync::Arc::new(Hosts::new(4));
@@ -709,37 +676,10 @@ async fn ignition_reaches_the_guest_through_fw_cfg_on_an_existing_volume() {
     use capl::libvirt::hosts::Hosts;
     use capl::libvirt::image::ImageCache;
     use capl::libvirt::provision::{BaseImage, Bootstrap, MachineRequest, provision};
-    use capl::libvirt::xml::DirectBoot;
 
-    let build = std::process::Command::new(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh"),
-    )
-    .output()
-    .expect("tests/guest/build.sh");
-    assert!(
-        build.status.success(),
-        "building the test guest failed: {}",
-        String::from_utf8_lossy(&build.stderr)
-    );
-    let guest = std::path::PathBuf::from(String::from_utf8_lossy(&build.stdout).trim());
-    let (uri, pool_dir) = {
-        let bed = support::shared();
-        let libvirtd = bed.libvirtd();
-        let libvirtd = libvirtd.as_ref().expect("libvirtd");
-        (
-            libvirtd.uri.clone(),
-            libvirtd.images().join("pool-ignition"),
-        )
-    };
-    let host = Host::open(&uri).expect("connect");
-    dir_pool(&host, "capl-ignition", &pool_dir);
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(pool_dir.join("golden.qcow2"))
-        .arg("1G")
-        .output()
-        .expect("qemu-img");
-    assert!(made.status.success());
+    let direct_boot = test_guest();
+    let (uri, host, pool_dir) = bed_pool("capl-ignition");
+    qcow2(&pool_dir.join("golden.qcow2"), "1G");
     host.connection()
         .lookup_storage_pool_by_name("capl-ignition")
         .expect("pool")
@@ -767,11 +707,7 @@ async fn ignition_reaches_the_guest_through_fw_cfg_on_an_existing_volume() {
             format!("{{\"ignition\":{{\"version\":\"3.4.0\"}},\"capl\":\"{marker}\"}}")
                 .into_bytes(),
         )),
-        direct_boot: Some(DirectBoot {
-            kernel: guest.join("vmlinuz").display().to_string(),
-            initrd: guest.join("initrd.img").display().to_string(),
-            cmdline: "console=ttyS0 panic=-1".into(),
-        }),
+        direct_boot: Some(direct_boot),
         identity: id.clone(),
     };
     let hosts = std::sync::Arc::new(Hosts::new(4));

@@ -38,15 +38,15 @@ impl MachineIdentity {
         Uuid::new_v5(&UUID_NAMESPACE, self.uid.as_bytes())
     }
 
-    /// `<namespace>_<name>`, shortened with a hash of the UID when too long. Kubernetes names
-    /// are DNS subdomains, so the result only holds `[a-z0-9.-_]`.
+    /// `<namespace>_<name>_<8 hex digits of the UUID>`: readable, and unique per object even when
+    /// a machine is re-created under the same name while its predecessor is still being deleted.
+    /// Long names are cut to fit. Kubernetes names are DNS subdomains, so the result only holds
+    /// `[a-z0-9._-]`.
     pub fn domain_name(&self) -> String {
-        let full = format!("{}_{}", self.namespace, self.name);
-        if full.len() <= MAX_NAME {
-            return full;
-        }
-        let suffix = &self.domain_uuid().simple().to_string()[..12];
-        format!("{}-{suffix}", &full[..MAX_NAME - 13])
+        let suffix = &self.domain_uuid().simple().to_string()[..8];
+        let mut readable = format!("{}_{}", self.namespace, self.name);
+        readable.truncate(MAX_NAME - suffix.len() - 1);
+        format!("{readable}_{suffix}")
     }
 
     /// Name of a volume the machine owns (`<domain name>-<role>`), e.g. `root`, `data-etcd`, `seed`.
@@ -103,7 +103,16 @@ mod tests {
             b.domain_uuid(),
             "a re-created object gets a new VM"
         );
-        assert_eq!(a.domain_name(), "default_worker-1");
+        assert!(
+            a.domain_name().starts_with("default_worker-1_"),
+            "{}",
+            a.domain_name()
+        );
+        assert_ne!(
+            a.domain_name(),
+            b.domain_name(),
+            "a re-created object gets a new name"
+        );
         assert_eq!(a.mac("eth0"), again.mac("eth0"));
         assert_ne!(a.mac("eth0"), a.mac("eth1"));
         assert_ne!(a.mac("eth0"), b.mac("eth0"));
@@ -112,7 +121,7 @@ mod tests {
         assert_eq!(mac.to_string().len(), 17);
         assert_eq!(
             a.volume_name("root", "qcow2"),
-            "default_worker-1-root.qcow2"
+            format!("{}-root.qcow2", a.domain_name())
         );
     }
 

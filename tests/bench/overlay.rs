@@ -14,18 +14,31 @@ use support::process::Lifetime;
 const REPEATS: u32 = 5;
 
 fn main() {
-    let temp = tempfile::Builder::new().prefix("capl-bench-").tempdir().expect("temp dir");
-    let libvirtd = Libvirtd::start(&temp.path().join("libvirt"), Lifetime::TestProcess).expect("libvirtd");
+    let temp = tempfile::Builder::new()
+        .prefix("capl-bench-")
+        .tempdir()
+        .expect("temp dir");
+    let libvirtd =
+        Libvirtd::start(&temp.path().join("libvirt"), Lifetime::TestProcess).expect("libvirtd");
     let host = libvirtd.connect().expect("connect");
     let pool_dir = libvirtd.images().join("pool");
     std::fs::create_dir_all(&pool_dir).expect("pool dir");
     let pool = host
         .connection()
-        .define_storage_pool_xml(&format!("<pool type='dir'><name>bench</name><target><path>{}</path></target></pool>", pool_dir.display()), 0)
+        .define_storage_pool_xml(
+            &format!(
+                "<pool type='dir'><name>bench</name><target><path>{}</path></target></pool>",
+                pool_dir.display()
+            ),
+            0,
+        )
         .expect("pool");
     pool.create(0).expect("start pool");
 
-    println!("{:>10} {:>16} {:>16}", "base MiB", "overlay (median)", "full copy");
+    println!(
+        "{:>10} {:>16} {:>16}",
+        "base MiB", "overlay (median)", "full copy"
+    );
     for mib in [16u64, 256, 2048] {
         let base = pool_dir.join(format!("base-{mib}.raw"));
         let out = std::process::Command::new("dd")
@@ -53,7 +66,9 @@ fn main() {
             host.delete_volume("bench", &name).expect("delete");
         }
         overlay.sort();
-        let source = pool.lookup_storage_vol_by_name(&format!("base-{mib}.raw")).expect("base volume");
+        let source = pool
+            .lookup_storage_vol_by_name(&format!("base-{mib}.raw"))
+            .expect("base volume");
         let start = Instant::now();
         let copy = virt::storage_vol::StorageVol::create_xml_from(
             &pool,

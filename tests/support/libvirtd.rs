@@ -96,7 +96,7 @@ mount --bind '{dir}/lib' /var/lib/libvirt
 mount --bind '{dir}/log' /var/log/libvirt
 mount --bind '{dir}/cache' /var/cache/libvirt
 ip link set lo up
-exec libvirtd -f /etc/libvirt/libvirtd.conf
+exec libvirtd -f /etc/libvirt/libvirtd.conf --pid-file '{dir}/libvirtd.pid'
 "#,
             dir = this.dir.display()
         );
