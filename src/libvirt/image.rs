@@ -228,13 +228,17 @@ impl ImageCache {
         if !response.status().is_success() {
             return Err(download(format!("server answered {}", response.status())));
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        // A bounded channel between the download and the blocking uploader: backpressure keeps at
+        // most a few chunks in memory.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
         let (p, n) = (pool.to_owned(), name.to_owned());
         let hosts = self.hosts.clone();
         let uri_owned = uri.to_owned();
         let upload = tokio::spawn(async move {
             hosts
-                .run(&uri_owned, move |host| host.upload(&p, &n, rx))
+                .run(&uri_owned, move |host| {
+                    host.upload(&p, &n, std::iter::from_fn(|| rx.blocking_recv()))
+                })
                 .await
         });
 
@@ -246,13 +250,7 @@ impl ImageCache {
                 Ok(frame) => {
                     if let Ok(data) = frame.into_data() {
                         hasher.update(&data);
-                        // The blocking uploader applies backpressure through the bounded channel.
-                        let tx = tx.clone();
-                        let chunk = data.to_vec();
-                        if tokio::task::spawn_blocking(move || tx.send(chunk))
-                            .await
-                            .map_or(true, |r| r.is_err())
-                        {
+                        if tx.send(data.to_vec()).await.is_err() {
                             failure = Some(download("the upload stopped".into()));
                             break;
                         }

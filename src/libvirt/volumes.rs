@@ -1,8 +1,6 @@
 //! Storage volumes: create from a plan, upload content through a libvirt stream (so it works on
 //! remote hosts too), download a file's tail, report pool space.
 
-use std::sync::mpsc::Receiver;
-
 use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
 
@@ -46,7 +44,12 @@ impl Host {
     /// Writes `chunks` into the existing volume `pool/name` from offset 0, streaming: at most a
     /// few chunks are in memory at any time. Fails on drivers without volume upload (the test
     /// driver), saying so.
-    pub fn upload(&self, pool: &str, name: &str, chunks: Receiver<Vec<u8>>) -> Result<u64> {
+    pub fn upload(
+        &self,
+        pool: &str,
+        name: &str,
+        chunks: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Result<u64> {
         let vol = self
             .volume(pool, name)?
             .ok_or_else(|| Error::Missing(format!("volume {pool}/{name}")))?;
@@ -96,10 +99,7 @@ impl Host {
     ) -> Result<()> {
         self.delete_volume(pool, name)?;
         self.ensure_volume(pool, name, xml)?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let _ = tx.send(bytes);
-        drop(tx);
-        self.upload(pool, name, rx).map(|_| ())
+        self.upload(pool, name, [bytes]).map(|_| ())
     }
 
     /// The last `max` bytes of a volume (e.g. a serial console log kept in a pool).
