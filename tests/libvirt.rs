@@ -815,3 +815,98 @@ async fn connections_are_shared_and_reopened_after_libvirtd_restarts() {
     );
     libvirtd.stop();
 }
+
+/// The controllers' interface on the in-process test driver: one shared connection keeps the
+/// driver's (per-connection) state across calls, so the same code paths run as on QEMU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_runs_a_machine_on_the_test_driver() {
+    use capl::libvirt::backend::Backend;
+    use capl::libvirt::provision::{BaseImage, MachineRequest};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let backend = Backend::new(4).expect("backend");
+    let uri = "test:///default";
+    let id = identity("uid-backend");
+    let request = MachineRequest {
+        cluster: "dev".into(),
+        domain_type: "test".into(),
+        vcpus: 2,
+        memory_mib: 2048,
+        cpu_mode: "host-passthrough".into(),
+        uefi: false,
+        pool: "default-pool".into(),
+        image: BaseImage::Volume {
+            pool: "default-pool".into(),
+            name: "golden.qcow2".into(),
+        },
+        root_gib: 10,
+        data_volumes: vec![("etcd".into(), 1, "default-pool".into())],
+        interfaces: vec![InterfacePlan {
+            source: InterfaceSource::Network("default".into()),
+            mac: id.mac("eth0"),
+            model: "virtio".into(),
+        }],
+        bootstrap: None,
+        direct_boot: None,
+        identity: id.clone(),
+    };
+    // A golden image already on the host, made through the backend's own connection (the test
+    // driver's state lives in the connection).
+    let golden = VolumePlan {
+        name: "golden.qcow2".into(),
+        capacity_gib: 1,
+        format: "qcow2".into(),
+        backing: None,
+    }
+    .to_xml()
+    .expect("xml");
+    backend
+        .hosts()
+        .run(uri, move |host| {
+            host.ensure_volume("default-pool", "golden.qcow2", &golden)
+        })
+        .await
+        .expect("golden volume");
+    assert!(backend.status(uri, &id).await.expect("status").is_none());
+    let created = backend.create(uri, &request).await.expect("create");
+    assert_eq!(created.state, "running");
+    assert_eq!(
+        backend.create(uri, &request).await.expect("again"),
+        created,
+        "idempotent"
+    );
+    assert_eq!(
+        backend.status(uri, &id).await.expect("status"),
+        Some(created)
+    );
+    let owned = backend
+        .inventory(uri, &id, &request.pools())
+        .await
+        .expect("inventory");
+    assert_eq!(owned.volumes.len(), 2, "root and data: {owned:?}");
+    let (facts, space) = backend
+        .capacity(uri, "default-pool")
+        .await
+        .expect("capacity");
+    assert!(facts.cpus > 0 && space.capacity > 0);
+    assert!(
+        backend
+            .versions(uri)
+            .await
+            .expect("versions")
+            .driver
+            .eq_ignore_ascii_case("test")
+    );
+
+    backend
+        .delete(uri, &id, &request.pools(), Duration::ZERO)
+        .await
+        .expect("delete");
+    assert!(
+        backend
+            .inventory(uri, &id, &request.pools())
+            .await
+            .expect("inventory")
+            .is_empty()
+    );
+}

@@ -1,6 +1,7 @@
 //! The only code that talks to hypervisors. Calls into libvirt are blocking FFI: callers on the
 //! async runtime go through [`tokio::task::spawn_blocking`].
 //!
+//! - [`backend`]: the async interface the controllers use, the same for every driver;
 //! - [`identity`]: names, UUIDs and MACs derived from the owning object (idempotent creation);
 //! - [`xml`]: domain XML from typed structs;
 //! - [`machine`]: idempotent create, leak-free delete and inventory of a machine on a host;
@@ -9,6 +10,7 @@
 //! - [`image`]: base images fetched once per host and pool, streamed and verified;
 //! - [`provision`]: machine creation as idempotent, crash-safe steps.
 
+pub mod backend;
 pub mod hosts;
 pub mod identity;
 pub mod image;
