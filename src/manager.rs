@@ -40,7 +40,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         readiness.clone(),
         wait_for(stop_rx.clone()),
     ));
-    let webhooks = start_webhooks(&args, &stop_rx)?;
+    let mut webhooks = start_webhooks(&args, &stop_rx)?;
 
     let client = kube_client(&args).await?;
     let server = client
@@ -52,8 +52,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(uri = %args.libvirt_uri, %host, "connected to libvirt");
     readiness.set_ready();
 
-    shutdown_signal().await;
-    tracing::info!("shutting down");
+    // Run until a signal arrives, or stop at once when the webhook server dies (a manager that
+    // cannot admit would block every write of our kinds).
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+        stopped = async {
+            match webhooks.as_mut() {
+                Some(server) => server.await,
+                None => std::future::pending().await,
+            }
+        } => {
+            let _ = stop_tx.send(true);
+            return match stopped {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the webhook server stopped")),
+                Ok(Err(error)) => Err(error.context("the webhook server failed")),
+                Err(error) => Err(anyhow::anyhow!("the webhook server task failed: {error}")),
+            };
+        }
+    }
     let _ = stop_tx.send(true);
     health.await??;
     if let Some(webhooks) = webhooks {

@@ -97,3 +97,36 @@ fn manager_fails_clearly_on_an_unreachable_libvirt_host() {
         "the error names the URI: {stderr}"
     );
 }
+
+#[test]
+fn manager_exits_when_its_webhook_port_is_taken() {
+    let bed = support::shared();
+    let certs = bed.test_dir("port-taken");
+    {
+        let plane = bed.plane();
+        plane
+            .as_ref()
+            .expect("plane")
+            .ca
+            .server("capl-webhook", &["127.0.0.1"])
+            .expect("cert")
+            .write(&certs, "tls.crt", "tls.key")
+            .expect("write");
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let out = manager(bed, "test:///default", free_port().expect("port"), port)
+        .arg("--webhook-host=127.0.0.1")
+        .arg(format!("--webhook-cert-dir={}", certs.display()))
+        .output()
+        .expect("running the manager");
+    assert!(
+        !out.status.success(),
+        "the manager kept running without its webhook server"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("webhook server failed") && stderr.contains("in use"),
+        "{stderr}"
+    );
+}
