@@ -6,7 +6,6 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use capl::api::{
@@ -418,28 +417,10 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Applies `crds/` to the shared bed once and waits until every CRD is Established.
+/// The shared bed with `crds/` applied and Established.
 fn bed_with_crds() -> &'static support::TestBed {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
     let bed = support::shared();
-    INSTALLED.get_or_init(|| {
-        let crds = repo().join("crds");
-        let out = bed.kubectl(&["apply", "--server-side", "-f", &crds.to_string_lossy()]);
-        assert!(
-            out.status.success(),
-            "applying crds/: {}",
-            text(&out.stderr)
-        );
-        let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
-        let names: Vec<String> = CRD_NAMES.iter().map(|n| format!("crd/{n}")).collect();
-        args.extend(names.iter().map(String::as_str));
-        let out = bed.kubectl(&args);
-        assert!(
-            out.status.success(),
-            "waiting for CRDs: {}",
-            text(&out.stderr)
-        );
-    });
+    bed.install_provider_crds();
     bed
 }
 

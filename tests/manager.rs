@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use support::apiserver::free_port;
 use support::capi::http_ok;
-use support::process::{Lifetime, Proc, poll};
 
 /// The manager with the given libvirt URI and webhook port (0: no webhook server).
 fn manager(
@@ -29,25 +28,15 @@ fn manager(
 #[test]
 fn manager_becomes_ready_on_the_bed_and_stops_on_sigterm() {
     let bed = support::shared();
-    let port = free_port().expect("a free port");
-    let log = bed.test_dir("manager").join("manager.log");
-    let mut proc = Proc::spawn(
+    let (mut proc, port) = bed.start_manager(
         "manager",
-        manager(bed, "test:///default", port, 0),
-        &log,
-        Lifetime::TestProcess,
-    )
-    .expect("starting the manager");
-    poll(
-        "the manager's /readyz",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            proc.check_running()?;
-            Ok(http_ok(port, "/readyz").then_some(()))
-        },
-    )
-    .expect("the manager became ready");
+        env!("CARGO_BIN_EXE_manager"),
+        &[
+            "--libvirt-uri=test:///default".into(),
+            "--webhook-port=0".into(),
+        ],
+    );
+    let log = proc.log().to_owned();
     assert!(http_ok(port, "/healthz"));
     proc.stop(Duration::from_secs(10));
     let logged = std::fs::read_to_string(&log).expect("manager log");

@@ -4,7 +4,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -17,8 +16,8 @@ use capl::webhook::server::handle;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use support::apiserver::free_port;
-use support::capi::{http_ok, read_yaml_docs};
-use support::process::{Lifetime, Proc, poll};
+use support::capi::read_yaml_docs;
+use support::process::Proc;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -428,46 +427,18 @@ fn manager() -> &'static Manager {
         let plane = plane.as_ref().expect("control plane");
         mount_secret(&cert_dir, 1, &plane.ca);
 
-        let (webhook_port, health_port) = (free_port().expect("port"), free_port().expect("port"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_manager"));
-        cmd.arg(format!("--kubeconfig={}", bed.kubeconfig.display()))
-            .arg(format!(
-                "--health-probe-bind-address=127.0.0.1:{health_port}"
-            ))
-            .arg("--webhook-host=127.0.0.1")
-            .arg(format!("--webhook-port={webhook_port}"))
-            .arg(format!("--webhook-cert-dir={}", cert_dir.display()))
-            .arg("--webhook-cert-reload-interval=200ms");
-        let mut proc = Proc::spawn(
-            "manager",
-            cmd,
-            &dir.join("manager.log"),
-            Lifetime::TestProcess,
-        )
-        .expect("starting the manager");
-        poll(
-            "the manager",
-            Duration::from_secs(30),
-            Duration::from_millis(100),
-            || {
-                proc.check_running()?;
-                Ok(http_ok(health_port, "/readyz").then_some(()))
-            },
-        )
-        .expect("manager ready");
-
-        let crds = repo().join("crds");
-        let out = bed.kubectl(&["apply", "--server-side", "-f", &crds.to_string_lossy()]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let out = bed.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd",
-            "-l",
-            "cluster.x-k8s.io/provider=infrastructure-libvirt",
-        ]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        let webhook_port = free_port().expect("port");
+        let (proc, _) = bed.start_manager(
+            "webhook-manager",
+            env!("CARGO_BIN_EXE_manager"),
+            &[
+                "--webhook-host=127.0.0.1".into(),
+                format!("--webhook-port={webhook_port}"),
+                format!("--webhook-cert-dir={}", cert_dir.display()),
+                "--webhook-cert-reload-interval=200ms".into(),
+            ],
+        );
+        bed.install_provider_crds();
         let target = Target::Url(format!("https://127.0.0.1:{webhook_port}"));
         let manifests =
             configs::render(&target, Some(plane.ca.cert_pem.as_bytes())).expect("render");

@@ -8,7 +8,6 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,8 +17,6 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use serde_json::json;
 use support::apiserver::free_port;
-use support::capi::http_ok;
-use support::process::{Lifetime, Proc, poll};
 
 const PHASE: Duration = Duration::from_secs(10);
 
@@ -192,31 +189,16 @@ fn main() {
         .expect("cert")
         .write(&cert_dir, "tls.crt", "tls.key")
         .expect("write cert");
-    let (port, health) = (free_port().expect("port"), free_port().expect("port"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_manager"));
-    cmd.env("RUST_LOG", "warn")
-        .arg(format!("--kubeconfig={}", bed.kubeconfig.display()))
-        .arg(format!("--health-probe-bind-address=127.0.0.1:{health}"))
-        .arg("--webhook-host=127.0.0.1")
-        .arg(format!("--webhook-port={port}"))
-        .arg(format!("--webhook-cert-dir={}", cert_dir.display()));
-    let mut manager = Proc::spawn(
-        "manager",
-        cmd,
-        &dir.join("manager.log"),
-        Lifetime::TestProcess,
-    )
-    .expect("manager");
-    poll(
-        "manager",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            manager.check_running()?;
-            Ok(http_ok(health, "/readyz").then_some(()))
-        },
-    )
-    .expect("manager ready");
+    let port = free_port().expect("port");
+    let (mut manager, _) = bed.start_manager(
+        "bench",
+        env!("CARGO_BIN_EXE_manager"),
+        &[
+            "--webhook-host=127.0.0.1".into(),
+            format!("--webhook-port={port}"),
+            format!("--webhook-cert-dir={}", cert_dir.display()),
+        ],
+    );
     let pid = manager.pid();
     let idle_rss = rss_kib(pid, "VmRSS:");
 

@@ -32,6 +32,7 @@ pub struct TestBed {
     plane: Mutex<Option<ControlPlane>>,
     capi: Mutex<Option<CapiCore>>,
     libvirtd: Mutex<Option<Libvirtd>>,
+    provider_crds: Mutex<bool>,
     temp: Mutex<Option<tempfile::TempDir>>,
 }
 
@@ -68,6 +69,7 @@ impl TestBed {
             plane: Mutex::new(Some(plane)),
             capi: Mutex::new(None),
             libvirtd: Mutex::new(None),
+            provider_crds: Mutex::new(false),
             temp: Mutex::new(Some(temp)),
         })
     }
@@ -140,6 +142,59 @@ impl TestBed {
             *libvirtd = Some(started);
         }
         libvirtd
+    }
+
+    /// Applies this provider's `crds/` (once per bed) and waits until they are Established.
+    pub fn install_provider_crds(&self) {
+        let mut installed = lock(&self.provider_crds);
+        if *installed {
+            return;
+        }
+        let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+        let out = self.kubectl(&["apply", "--server-side", "-f", &crds.to_string_lossy()]);
+        assert!(
+            out.status.success(),
+            "applying crds/: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "-l",
+            "cluster.x-k8s.io/provider=infrastructure-libvirt",
+        ]);
+        assert!(
+            out.status.success(),
+            "waiting for crds/: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        *installed = true;
+    }
+
+    /// Starts the `manager` binary against the bed with `args` (plus kubeconfig and a health
+    /// port) and waits until it is ready; its log goes to `<test dir>/manager.log`.
+    pub fn start_manager(&self, test: &str, binary: &str, args: &[String]) -> (process::Proc, u16) {
+        let health = apiserver::free_port().expect("a free port");
+        let mut cmd = std::process::Command::new(binary);
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--health-probe-bind-address=127.0.0.1:{health}"))
+            .args(args);
+        let log = self.test_dir(test).join("manager.log");
+        let mut proc = process::Proc::spawn("manager", cmd, &log, Lifetime::TestProcess)
+            .unwrap_or_else(|e| panic!("starting the manager: {e:#}"));
+        process::poll(
+            "the manager's /readyz",
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_millis(100),
+            || {
+                proc.check_running()?;
+                Ok(capi::http_ok(health, "/readyz").then_some(()))
+            },
+        )
+        .unwrap_or_else(|e| panic!("the manager did not become ready: {e:#}"));
+        (proc, health)
     }
 
     /// A directory for one test's files, inside the bed's temp dir.
