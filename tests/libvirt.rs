@@ -171,16 +171,7 @@ fn test_driver_recovers_from_a_crash_between_define_and_start() {
         .expect("define");
     let status = host.ensure_domain(&plan).expect("re-run");
     assert_eq!(status.state, "running");
-    let count = host
-        .connection()
-        .list_all_domains(0)
-        .expect("list")
-        .iter()
-        .filter(|d| {
-            d.uuid_string()
-                .is_ok_and(|u| u == id.domain_uuid().to_string())
-        })
-        .count();
+    let count = domains_with_uuid(&host, &id);
     assert_eq!(count, 1);
     host.delete_machine(&id, &["default-pool".into()], Duration::ZERO)
         .expect("delete");
@@ -334,6 +325,17 @@ fn bed_pool(name: &str) -> (String, Host, PathBuf) {
     let host = Host::open(&uri).expect("connecting to the bed's libvirtd");
     dir_pool(&host, name, &dir);
     (uri, host, dir)
+}
+
+/// How many domains on the host carry the machine's UUID (exactly one after any create).
+fn domains_with_uuid(host: &Host, id: &MachineIdentity) -> usize {
+    let uuid = id.domain_uuid().to_string();
+    host.connection()
+        .list_all_domains(0)
+        .expect("listing domains")
+        .iter()
+        .filter(|d| d.uuid_string().is_ok_and(|u| u == uuid))
+        .count()
 }
 
 /// Makes an empty qcow2 image of `size` at `path` with qemu-img.
@@ -513,16 +515,7 @@ async fn a_crash_after_any_step_converges_to_one_machine_and_delete_leaves_nothi
             .await
             .unwrap_or_else(|e| panic!("after a crash at {crash_after}: {e}"));
         assert_eq!(status.state, "running", "crash after {crash_after} steps");
-        let same_uuid = host
-            .connection()
-            .list_all_domains(0)
-            .expect("list")
-            .iter()
-            .filter(|d| {
-                d.uuid_string()
-                    .is_ok_and(|u| u == id.domain_uuid().to_string())
-            })
-            .count();
+        let same_uuid = domains_with_uuid(&host, &id);
         assert_eq!(
             same_uuid, 1,
             "exactly one VM after a crash at step {crash_after}"
