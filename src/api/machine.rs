@@ -219,6 +219,16 @@ pub enum ChecksumType {
     Sha512,
 }
 
+impl ChecksumType {
+    /// The algorithm's name as written in the API (`sha256`, `sha512`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChecksumType::Sha256 => "sha256",
+            ChecksumType::Sha512 => "sha512",
+        }
+    }
+}
+
 /// Disk format of the file at `url`: `qcow2` or `raw`. Defaults to `qcow2`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -227,6 +237,16 @@ pub enum ImageFormat {
     Qcow2,
     /// Raw disk image.
     Raw,
+}
+
+impl ImageFormat {
+    /// The format's name as libvirt and QEMU spell it (`qcow2`, `raw`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+        }
+    }
 }
 
 /// An existing libvirt storage volume.

@@ -47,28 +47,14 @@ pub struct ImageRequest {
 }
 
 impl ImageRequest {
-    fn algorithm_name(&self) -> &'static str {
-        match self.algorithm {
-            ChecksumType::Sha256 => "sha256",
-            ChecksumType::Sha512 => "sha512",
-        }
-    }
-
-    fn format_name(&self) -> &'static str {
-        match self.format {
-            ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Raw => "raw",
-        }
-    }
-
     /// Name of the shared base volume: content-addressed by the digest.
     pub fn volume_name(&self) -> String {
         let digest = self.digest.to_ascii_lowercase();
         format!(
             "capl-base-{}-{}.{}",
-            self.algorithm_name(),
+            self.algorithm.as_str(),
             &digest[..digest.len().min(32)],
-            self.format_name()
+            self.format.as_str()
         )
     }
 
@@ -166,7 +152,7 @@ impl ImageCache {
         let plan = VolumePlan {
             name: name.clone(),
             capacity_gib: 0,
-            format: request.format_name().into(),
+            format: request.format.as_str().into(),
             backing: None,
         };
         let xml = plan
@@ -274,7 +260,7 @@ impl ImageCache {
         if !actual.eq_ignore_ascii_case(&request.digest) {
             return Err(Error::Checksum {
                 url: request.url.clone(),
-                algorithm: request.algorithm_name(),
+                algorithm: request.algorithm.as_str(),
                 expected: request.digest.clone(),
                 actual,
             });

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use virt::domain::{Domain, DomainState};
 use virt::error::ErrorNumber;
-use virt::storage_vol::StorageVol;
 use virt::sys;
 
 use super::identity::MachineIdentity;
@@ -200,38 +199,6 @@ impl Host {
         }
         owned.sort();
         Ok(owned)
-    }
-
-    /// Deletes one volume; a missing volume or pool is fine.
-    pub fn delete_volume(&self, pool: &str, volume: &str) -> Result<()> {
-        let found = self
-            .connection()
-            .lookup_storage_pool_by_name(pool)
-            .and_then(|p| p.lookup_storage_vol_by_name(volume));
-        match found {
-            Ok(vol) => match vol.delete(0) {
-                Err(e) if !is_not_found(&e) => Err(self.call_error("virStorageVolDelete")(e)),
-                _ => Ok(()),
-            },
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(self.call_error("virStorageVolLookupByName")(e)),
-        }
-    }
-
-    /// Creates a volume from XML in `pool` unless one of that name exists.
-    pub fn ensure_volume(&self, pool: &str, name: &str, xml: &str) -> Result<()> {
-        let pool = self
-            .connection()
-            .lookup_storage_pool_by_name(pool)
-            .map_err(self.call_error("virStoragePoolLookupByName"))?;
-        match pool.lookup_storage_vol_by_name(name) {
-            Ok(_) => return Ok(()),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(self.call_error("virStorageVolLookupByName")(e)),
-        }
-        StorageVol::create_xml(&pool, xml, 0)
-            .map(|_| ())
-            .map_err(self.call_error("virStorageVolCreateXML"))
     }
 
     /// Everything the machine owns on this host (operators and tests use it to prove no leak).

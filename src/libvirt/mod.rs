@@ -53,6 +53,11 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Whether a libvirt call failed because the object (domain, volume, pool) is not there.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Call { error, .. } if machine::is_not_found(error))
+    }
+
     /// Whether the error means the connection itself is gone (the next call should reconnect).
     pub fn is_connection_lost(&self) -> bool {
         use virt::error::{ErrorDomain, ErrorNumber};

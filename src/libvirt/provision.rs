@@ -214,7 +214,7 @@ pub async fn run_step(
                         name: req.root_name(),
                         capacity_gib: req.root_gib,
                         format: "qcow2".into(),
-                        backing: Some((path, format_name(format).into())),
+                        backing: Some((path, format.as_str().into())),
                     }
                     .to_xml()
                     .map_err(|e| Error::Xml(e.to_string()))?;
@@ -283,13 +283,6 @@ pub async fn run_step(
             })
             .await
             .map_err(Into::into),
-    }
-}
-
-fn format_name(format: crate::api::ImageFormat) -> &'static str {
-    match format {
-        crate::api::ImageFormat::Qcow2 => "qcow2",
-        crate::api::ImageFormat::Raw => "raw",
     }
 }
 

@@ -1,6 +1,7 @@
 //! Storage volumes: create from a plan, upload content through a libvirt stream (so it works on
 //! remote hosts too), download a file's tail, report pool space.
 
+use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
 
@@ -15,15 +16,41 @@ pub struct PoolSpace {
 }
 
 impl Host {
+    fn pool(&self, name: &str) -> Result<StoragePool> {
+        self.connection()
+            .lookup_storage_pool_by_name(name)
+            .map_err(|error| self.call("virStoragePoolLookupByName", error))
+    }
+
     fn volume(&self, pool: &str, name: &str) -> Result<Option<StorageVol>> {
-        let pool = self
-            .connection()
-            .lookup_storage_pool_by_name(pool)
-            .map_err(|error| self.call("virStoragePoolLookupByName", error))?;
-        match pool.lookup_storage_vol_by_name(name) {
+        match self.pool(pool)?.lookup_storage_vol_by_name(name) {
             Ok(vol) => Ok(Some(vol)),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(error) => Err(self.call("virStorageVolLookupByName", error)),
+        }
+    }
+
+    /// Creates a volume from XML in `pool` unless one of that name exists.
+    pub fn ensure_volume(&self, pool: &str, name: &str, xml: &str) -> Result<()> {
+        if self.volume(pool, name)?.is_some() {
+            return Ok(());
+        }
+        StorageVol::create_xml(&self.pool(pool)?, xml, 0)
+            .map(|_| ())
+            .map_err(|error| self.call("virStorageVolCreateXML", error))
+    }
+
+    /// Deletes one volume; a missing volume or pool is fine.
+    pub fn delete_volume(&self, pool: &str, name: &str) -> Result<()> {
+        let volume = match self.volume(pool, name) {
+            Ok(Some(volume)) => volume,
+            Ok(None) => return Ok(()),
+            Err(error) if error.is_not_found() => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        match volume.delete(0) {
+            Err(e) if !is_not_found(&e) => Err(self.call("virStorageVolDelete", e)),
+            _ => Ok(()),
         }
     }
 
@@ -137,11 +164,8 @@ impl Host {
 
     /// Capacity and free space of a pool (placement input).
     pub fn pool_space(&self, pool: &str) -> Result<PoolSpace> {
-        let pool = self
-            .connection()
-            .lookup_storage_pool_by_name(pool)
-            .map_err(|error| self.call("virStoragePoolLookupByName", error))?;
-        let info = pool
+        let info = self
+            .pool(pool)?
             .info()
             .map_err(|error| self.call("virStoragePoolGetInfo", error))?;
         Ok(PoolSpace {

@@ -112,11 +112,11 @@ fn validate_image(spec: &LibvirtMachineSpec, at: &str, v: &mut Verdict) {
         match &image.checksum {
             None => v.error(format!("{at}.checksum"), "is required with url"),
             Some(sum) => {
-                let (algorithm, len) = match sum.kind {
-                    ChecksumType::Sha256 => ("sha256", 64),
-                    ChecksumType::Sha512 => ("sha512", 128),
+                let len = match sum.kind {
+                    ChecksumType::Sha256 => 64,
+                    ChecksumType::Sha512 => 128,
                 };
-                if let Err(message) = checks::checksum(algorithm, &sum.value, len) {
+                if let Err(message) = checks::checksum(sum.kind.as_str(), &sum.value, len) {
                     v.error(format!("{at}.checksum.value"), message);
                 }
             }
