@@ -38,6 +38,15 @@ pub enum Command {
     },
 }
 
+impl RunArgs {
+    /// Which libvirt URIs this manager accepts beyond the production transports.
+    pub fn uri_policy(&self) -> crate::libvirt::uri::UriPolicy {
+        crate::libvirt::uri::UriPolicy {
+            allow_test_driver: self.allow_test_driver,
+        }
+    }
+}
+
 /// Settings of a running manager.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -49,10 +58,15 @@ pub struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:9440", global = true)]
     pub health_probe_bind_address: SocketAddr,
 
-    /// Libvirt connection URI used when a LibvirtCluster names no host of its own
-    /// (e.g. qemu:///system, or test:///default for the in-process test driver).
-    #[arg(long, default_value = "test:///default", global = true)]
+    /// Libvirt connection URI the manager checks at start-up (e.g. qemu:///system, or
+    /// test:///default for the in-process test driver with --allow-test-driver). Empty: no check.
+    #[arg(long, default_value = "", global = true)]
     pub libvirt_uri: String,
+
+    /// Accept the in-process test driver (`test:///default`) as a host URI, in admission and in
+    /// the backend. For development and tests only: it keeps machines in memory.
+    #[arg(long, default_value_t = false, global = true)]
+    pub allow_test_driver: bool,
 
     /// Port the admission webhook server listens on (0 disables it).
     #[arg(long, default_value_t = 9443, global = true)]

@@ -28,8 +28,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Version => {
             println!("manager {}", env!("CARGO_PKG_VERSION"));
-            let host = capl::manager::probe_libvirt(&cli.run.libvirt_uri).await?;
-            println!("{host}");
+            if !cli.run.libvirt_uri.is_empty() {
+                let host = capl::manager::probe_libvirt(&cli.run.libvirt_uri, cli.run.uri_policy())
+                    .await?;
+                println!("{host}");
+            }
             Ok(())
         }
     }

@@ -6,6 +6,7 @@ use tokio::sync::watch;
 
 use crate::config::RunArgs;
 use crate::health::{self, Readiness};
+use crate::libvirt::uri::{HostUri, UriPolicy};
 use crate::libvirt::{Host, HostVersions};
 use crate::webhook;
 use crate::webhook::tls::{CertFiles, CertStore};
@@ -23,9 +24,10 @@ pub async fn kube_client(args: &RunArgs) -> anyhow::Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-/// Opens the default libvirt host off the async runtime and reports what it runs.
-pub async fn probe_libvirt(uri: &str) -> anyhow::Result<HostVersions> {
-    let uri = uri.to_owned();
+/// Checks `uri` against the manager's URI policy, opens it off the async runtime and reports
+/// what it runs.
+pub async fn probe_libvirt(uri: &str, policy: UriPolicy) -> anyhow::Result<HostVersions> {
+    let uri = HostUri::parse(uri, policy).with_context(|| format!("--libvirt-uri {uri:?}"))?;
     let versions = tokio::task::spawn_blocking(move || Host::open(&uri)?.versions()).await??;
     Ok(versions)
 }
@@ -48,8 +50,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("reaching the Kubernetes API")?;
     tracing::info!(version = %server.git_version, "connected to the Kubernetes API");
-    let host = probe_libvirt(&args.libvirt_uri).await?;
-    tracing::info!(uri = %args.libvirt_uri, %host, "connected to libvirt");
+    if !args.libvirt_uri.is_empty() {
+        let host = probe_libvirt(&args.libvirt_uri, args.uri_policy()).await?;
+        tracing::info!(uri = %args.libvirt_uri, %host, "connected to libvirt");
+    }
     readiness.set_ready();
 
     // Run until a signal arrives, or stop at once when the webhook server dies (a manager that

@@ -297,7 +297,8 @@ async fn capi_core_manager_reconciles_a_bare_cluster() {
 /// (f) The in-process test driver defines, starts, destroys and undefines a domain via `virt`.
 #[test]
 fn test_driver_runs_a_domain_lifecycle() {
-    let host = capl::libvirt::Host::open("test:///default").expect("opening test:///default");
+    let host = capl::libvirt::Host::open(&support::host_uri("test:///default"))
+        .expect("opening test:///default");
     let versions = host.versions().expect("versions");
     println!("test driver: {versions}");
     assert!(versions.driver.eq_ignore_ascii_case("test"), "{versions}");

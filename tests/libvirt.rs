@@ -107,7 +107,7 @@ fn xml_escapes_whatever_it_is_given() {
     );
     assert!(xml.contains("network=\"net'/&gt;&lt;evil/&gt;\""), "{xml}");
     // libvirt reads it back as the same, inert value.
-    let host = Host::open("test:///default").expect("test driver");
+    let host = Host::open(&support::host_uri("test:///default")).expect("test driver");
     let domain = host
         .connection()
         .define_domain_xml(&xml)
@@ -121,7 +121,7 @@ fn xml_escapes_whatever_it_is_given() {
 
 #[test]
 fn test_driver_create_is_idempotent_and_delete_leaves_nothing() {
-    let host = Host::open("test:///default").expect("test driver");
+    let host = Host::open(&support::host_uri("test:///default")).expect("test driver");
     let pools = vec!["default-pool".to_owned()];
     let id = identity("uid-idempotent");
     host.ensure_volume(
@@ -162,7 +162,7 @@ fn test_driver_create_is_idempotent_and_delete_leaves_nothing() {
 
 #[test]
 fn test_driver_recovers_from_a_crash_between_define_and_start() {
-    let host = Host::open("test:///default").expect("test driver");
+    let host = Host::open(&support::host_uri("test:///default")).expect("test driver");
     let id = identity("uid-crash");
     let plan = plan(id.clone(), "test", "default-pool");
     // A previous attempt defined the domain and died before starting it.
@@ -315,12 +315,12 @@ fn dir_pool(host: &Host, name: &str, dir: &Path) {
 }
 
 /// The bed's libvirtd URI, a connection to it, and a started directory pool `name`.
-fn bed_pool(name: &str) -> (String, Host, PathBuf) {
+fn bed_pool(name: &str) -> (capl::libvirt::uri::HostUri, Host, PathBuf) {
     let (uri, dir) = {
         let bed = support::shared();
         let libvirtd = bed.libvirtd();
         let libvirtd = libvirtd.as_ref().expect("libvirtd");
-        (libvirtd.uri.clone(), libvirtd.images().join(name))
+        (libvirtd.host_uri(), libvirtd.images().join(name))
     };
     let host = Host::open(&uri).expect("connecting to the bed's libvirtd");
     dir_pool(&host, name, &dir);
@@ -448,7 +448,11 @@ async fn base_images_are_fetched_once_verified_and_shared() {
 
     // The in-process test driver cannot hold volume content, and says so.
     let err = cache
-        .ensure("test:///default", "default-pool", &request)
+        .ensure(
+            &support::host_uri("test:///default"),
+            "default-pool",
+            &request,
+        )
         .await
         .expect_err("test driver");
     assert!(
@@ -770,11 +774,11 @@ async fn connections_are_shared_and_reopened_after_libvirtd_restarts() {
 
     let dir = support::shared().test_dir("restart").join("libvirt");
     let mut libvirtd = Libvirtd::start(&dir, Lifetime::TestProcess).expect("a private libvirtd");
-    let uri = libvirtd.uri.clone();
+    let uri = libvirtd.host_uri();
     let hosts = Hosts::new(2);
     async fn hostname(
         hosts: &Hosts,
-        uri: &str,
+        uri: &capl::libvirt::uri::HostUri,
     ) -> capl::libvirt::Result<capl::libvirt::machine::HostFacts> {
         hosts.run(uri, |host| host.facts()).await
     }
@@ -788,7 +792,7 @@ async fn connections_are_shared_and_reopened_after_libvirtd_restarts() {
     // libvirtd restarts (upgrade, crash): the same URI answers again.
     libvirtd.stop();
     let mut libvirtd = Libvirtd::start(&dir, Lifetime::TestProcess).expect("libvirtd again");
-    assert_eq!(libvirtd.uri, uri);
+    assert_eq!(libvirtd.host_uri(), uri);
     let mut attempts = 0;
     let after = loop {
         attempts += 1;
@@ -818,7 +822,7 @@ async fn the_backend_runs_a_machine_on_the_test_driver() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let backend = Backend::new(4).expect("backend");
-    let uri = "test:///default";
+    let uri = &support::host_uri("test:///default");
     let id = identity("uid-backend");
     let request = MachineRequest {
         cluster: "dev".into(),

@@ -18,6 +18,7 @@ fn manager(
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_manager"));
     cmd.arg(format!("--kubeconfig={}", bed.kubeconfig.display()))
         .arg(format!("--libvirt-uri={libvirt_uri}"))
+        .arg("--allow-test-driver")
         .arg(format!(
             "--health-probe-bind-address=127.0.0.1:{health_port}"
         ))
@@ -33,6 +34,7 @@ fn manager_becomes_ready_on_the_bed_and_stops_on_sigterm() {
         env!("CARGO_BIN_EXE_manager"),
         &[
             "--libvirt-uri=test:///default".into(),
+            "--allow-test-driver".into(),
             "--webhook-port=0".into(),
         ],
     );
@@ -71,7 +73,7 @@ fn manager_fails_clearly_on_an_unreachable_libvirt_host() {
     let bed = support::shared();
     let out = manager(
         bed,
-        "nosuchdriver:///nowhere",
+        "qemu:///system?socket=/nonexistent/libvirt-sock",
         free_port().expect("port"),
         0,
     )
@@ -82,7 +84,7 @@ fn manager_fails_clearly_on_an_unreachable_libvirt_host() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("nosuchdriver:///nowhere"),
+        stderr.contains("/nonexistent/libvirt-sock"),
         "the error names the URI: {stderr}"
     );
 }

@@ -433,6 +433,7 @@ fn manager() -> &'static Manager {
             env!("CARGO_BIN_EXE_manager"),
             &[
                 "--webhook-host=127.0.0.1".into(),
+                "--allow-test-driver".into(),
                 format!("--webhook-port={webhook_port}"),
                 format!("--webhook-cert-dir={}", cert_dir.display()),
                 "--webhook-cert-reload-interval=200ms".into(),

@@ -9,6 +9,7 @@ use super::identity::MachineIdentity;
 use super::image::ImageCache;
 use super::machine::{DomainStatus, GuestAddress, HostFacts, Inventory};
 use super::provision::{self, MachineRequest, ProvisionError};
+use super::uri::HostUri;
 use super::volumes::PoolSpace;
 use super::{HostVersions, Result};
 
@@ -37,7 +38,7 @@ impl Backend {
     /// Creates (or finishes creating) the machine and starts it.
     pub async fn create(
         &self,
-        uri: &str,
+        uri: &HostUri,
         request: &MachineRequest,
     ) -> Result<DomainStatus, ProvisionError> {
         provision::provision(&self.hosts, &self.images, uri, request).await
@@ -46,7 +47,7 @@ impl Backend {
     /// The machine's domain status, `None` when it has no domain on the host.
     pub async fn status(
         &self,
-        uri: &str,
+        uri: &HostUri,
         identity: &MachineIdentity,
     ) -> Result<Option<DomainStatus>> {
         let identity = identity.clone();
@@ -62,7 +63,7 @@ impl Backend {
     /// Removes the machine and everything it owns in `pools`.
     pub async fn delete(
         &self,
-        uri: &str,
+        uri: &HostUri,
         identity: &MachineIdentity,
         pools: &[String],
         grace: Duration,
@@ -78,7 +79,7 @@ impl Backend {
     /// Everything the machine owns on the host.
     pub async fn inventory(
         &self,
-        uri: &str,
+        uri: &HostUri,
         identity: &MachineIdentity,
         pools: &[String],
     ) -> Result<Inventory> {
@@ -91,7 +92,7 @@ impl Backend {
     /// The guest's addresses (DHCP leases and guest agent).
     pub async fn addresses(
         &self,
-        uri: &str,
+        uri: &HostUri,
         identity: &MachineIdentity,
     ) -> Result<Vec<GuestAddress>> {
         let identity = identity.clone();
@@ -103,7 +104,7 @@ impl Backend {
     /// The last `max` bytes of the machine's serial console.
     pub async fn console_tail(
         &self,
-        uri: &str,
+        uri: &HostUri,
         identity: &MachineIdentity,
         pool: &str,
         max: u64,
@@ -115,7 +116,7 @@ impl Backend {
     }
 
     /// CPUs, memory and the free space of `pool` on the host (placement input).
-    pub async fn capacity(&self, uri: &str, pool: &str) -> Result<(HostFacts, PoolSpace)> {
+    pub async fn capacity(&self, uri: &HostUri, pool: &str) -> Result<(HostFacts, PoolSpace)> {
         let pool = pool.to_owned();
         self.hosts
             .run(uri, move |host| {
@@ -125,7 +126,7 @@ impl Backend {
     }
 
     /// Library, driver and hypervisor versions of the host.
-    pub async fn versions(&self, uri: &str) -> Result<HostVersions> {
+    pub async fn versions(&self, uri: &HostUri) -> Result<HostVersions> {
         self.hosts.run(uri, |host| host.versions()).await
     }
 }

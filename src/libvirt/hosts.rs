@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 
+use super::uri::HostUri;
 use super::{Error, Host, Result};
 
 struct Slot {
@@ -47,24 +48,24 @@ impl Hosts {
     /// Runs `f` against the host at `uri` off the async runtime, opening (or reopening) the
     /// connection as needed. A failure that looks like a lost connection drops it, so the next
     /// call reconnects.
-    pub async fn run<T, F>(&self, uri: &str, f: F) -> Result<T>
+    pub async fn run<T, F>(&self, uri: &HostUri, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Host) -> Result<T> + Send + 'static,
     {
-        let slot = self.slot(uri);
+        let slot = self.slot(uri.as_str());
         let _permit = slot
             .permits
             .acquire()
             .await
-            .map_err(|_| Error::Closed(uri.to_owned()))?;
-        let uri = uri.to_owned();
+            .map_err(|_| Error::Closed(uri.to_string()))?;
+        let uri = uri.clone();
         let worker_slot = slot.clone();
         tokio::task::spawn_blocking(move || {
             let host = connected(&worker_slot, &uri)?;
             let result = f(&host);
             if result.as_ref().is_err_and(Error::is_connection_lost) || !host.is_alive() {
-                tracing::warn!(uri, "libvirt connection lost; reconnecting on next use");
+                tracing::warn!(%uri, "libvirt connection lost; reconnecting on next use");
                 take(&worker_slot);
             }
             result
@@ -86,7 +87,7 @@ impl Hosts {
     }
 }
 
-fn connected(slot: &Slot, uri: &str) -> Result<Arc<Host>> {
+fn connected(slot: &Slot, uri: &HostUri) -> Result<Arc<Host>> {
     let mut guard = match slot.host.lock() {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),

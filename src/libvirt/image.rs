@@ -17,6 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use sha2::Digest;
 
 use super::hosts::Hosts;
+use super::uri::HostUri;
 use super::xml::VolumePlan;
 use crate::api::{ChecksumType, ImageFormat};
 
@@ -92,7 +93,7 @@ impl Hasher {
     }
 }
 
-type Key = (String, String, String);
+type Key = (HostUri, String, String);
 
 /// Fetches base images into hosts' pools, once each.
 pub struct ImageCache {
@@ -126,13 +127,13 @@ impl ImageCache {
     /// Makes sure the verified base image is in `pool` on the host at `uri`; returns its path.
     pub async fn ensure(
         &self,
-        uri: &str,
+        uri: &HostUri,
         pool: &str,
         request: &ImageRequest,
     ) -> Result<String, Error> {
         let name = request.volume_name();
         let marker = request.marker_name();
-        let lock = self.lock_for((uri.to_owned(), pool.to_owned(), name.clone()));
+        let lock = self.lock_for((uri.clone(), pool.to_owned(), name.clone()));
         let _only_one_download = lock.lock().await;
 
         let (p, n, m) = (pool.to_owned(), name.clone(), marker.clone());
@@ -196,7 +197,7 @@ impl ImageCache {
 
     async fn download_into(
         &self,
-        uri: &str,
+        uri: &HostUri,
         pool: &str,
         name: &str,
         request: &ImageRequest,
@@ -219,7 +220,7 @@ impl ImageCache {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
         let (p, n) = (pool.to_owned(), name.to_owned());
         let hosts = self.hosts.clone();
-        let uri_owned = uri.to_owned();
+        let uri_owned = uri.clone();
         let upload = tokio::spawn(async move {
             hosts
                 .run(&uri_owned, move |host| {

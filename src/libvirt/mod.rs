@@ -16,6 +16,7 @@ pub mod identity;
 pub mod image;
 pub mod machine;
 pub mod provision;
+pub mod uri;
 pub mod volumes;
 pub mod xml;
 
@@ -23,6 +24,8 @@ use std::fmt;
 use std::sync::Once;
 
 use virt::connect::Connect;
+
+use uri::HostUri;
 
 /// Errors of the libvirt layer.
 #[derive(Debug, thiserror::Error)]
@@ -125,15 +128,16 @@ impl fmt::Debug for Host {
 impl Host {
     /// Opens a connection (blocking). Libvirt's own error printing to stderr is switched off:
     /// errors reach callers as values and are logged once, by them.
-    pub fn open(uri: &str) -> Result<Self> {
+    /// Only a [`HostUri`] (checked against the allowlist) can be opened.
+    pub fn open(uri: &HostUri) -> Result<Self> {
         static QUIET: Once = Once::new();
         QUIET.call_once(virt::error::clear_error_callback);
-        let conn = Connect::open(Some(uri)).map_err(|error| Error::Connect {
-            uri: uri.to_owned(),
+        let conn = Connect::open(Some(uri.as_str())).map_err(|error| Error::Connect {
+            uri: uri.to_string(),
             error,
         })?;
         Ok(Self {
-            uri: uri.to_owned(),
+            uri: uri.to_string(),
             conn,
         })
     }
@@ -201,7 +205,15 @@ mod tests {
 
     #[test]
     fn a_bad_uri_is_an_error_that_names_it() {
-        let err = Host::open("nosuchdriver:///x").expect_err("no such driver");
-        assert!(err.to_string().contains("nosuchdriver:///x"), "{err}");
+        let uri = HostUri::parse(
+            "qemu:///system?socket=/nonexistent/libvirt-sock",
+            Default::default(),
+        )
+        .expect("a legal URI");
+        let err = Host::open(&uri).expect_err("no such socket");
+        assert!(
+            err.to_string().contains("/nonexistent/libvirt-sock"),
+            "{err}"
+        );
     }
 }

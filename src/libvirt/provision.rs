@@ -9,6 +9,7 @@ use super::hosts::Hosts;
 use super::identity::MachineIdentity;
 use super::image::{self, ImageCache, ImageRequest};
 use super::machine::DomainStatus;
+use super::uri::HostUri;
 use super::xml::{DirectBoot, DiskPlan, DomainPlan, InterfacePlan, VolumePlan};
 use super::{Error, Host};
 use crate::cloudinit::Seed;
@@ -168,7 +169,7 @@ impl MachineRequest {
 pub async fn provision(
     hosts: &Arc<Hosts>,
     images: &ImageCache,
-    uri: &str,
+    uri: &HostUri,
     request: &MachineRequest,
 ) -> Result<DomainStatus, ProvisionError> {
     let mut status = None;
@@ -184,7 +185,7 @@ pub async fn provision(
 pub async fn run_step(
     hosts: &Arc<Hosts>,
     images: &ImageCache,
-    uri: &str,
+    uri: &HostUri,
     request: &MachineRequest,
     step: Step,
 ) -> Result<Option<DomainStatus>, ProvisionError> {

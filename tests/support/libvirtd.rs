@@ -121,14 +121,21 @@ exec libvirtd -f /etc/libvirt/libvirtd.conf --pid-file '{dir}/libvirtd.pid'
             Duration::from_millis(100),
             || {
                 proc.check_running()?;
-                Ok(capl::libvirt::Host::open(&uri).ok().map(|_| ()))
+                Ok(capl::libvirt::Host::open(&super::host_uri(&uri))
+                    .ok()
+                    .map(|_| ()))
             },
         )
     }
 
     /// Opens a connection to this libvirtd.
+    /// The URI as the provider checks it.
+    pub fn host_uri(&self) -> capl::libvirt::uri::HostUri {
+        super::host_uri(&self.uri)
+    }
+
     pub fn connect(&self) -> Result<capl::libvirt::Host> {
-        Ok(capl::libvirt::Host::open(&self.uri)?)
+        Ok(capl::libvirt::Host::open(&self.host_uri())?)
     }
 
     /// Directory for disk images the tests create (visible to QEMU in the namespace).

@@ -213,6 +213,18 @@ impl TestBed {
     }
 }
 
+/// A libvirt URI as the tests use it: checked by the provider's own allowlist, with the test
+/// driver allowed.
+pub fn host_uri(uri: &str) -> capl::libvirt::uri::HostUri {
+    capl::libvirt::uri::HostUri::parse(
+        uri,
+        capl::libvirt::uri::UriPolicy {
+            allow_test_driver: true,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{uri}: {e}"))
+}
+
 /// Prefix of every bed's temp dir: `capl-bed-<owner pid>-<random>`.
 const DIR_PREFIX: &str = "capl-bed-";
 

@@ -221,7 +221,7 @@ fn versions() -> Result<()> {
         "kubectl:        {}",
         first_line(Command::new(&tools.kubectl).args(["version", "--client"]))
     );
-    let host = capl::libvirt::Host::open("test:///default")?;
+    let host = capl::libvirt::Host::open(&support::host_uri("test:///default"))?;
     println!("libvirt:        {}", host.versions()?);
     println!(
         "qemu:           {}",
