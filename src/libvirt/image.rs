@@ -37,6 +37,21 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether retrying cannot help (a checksum mismatch, a forbidden target, a base image that
+    /// would let a guest read host files): the controller reports it instead of retrying.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Error::Checksum { .. })
+    }
+}
+
+/// Checks an existing volume used as a machine's base image (`image.volume`) and returns its
+/// real format, read from libvirt rather than assumed. Blocking: run through `Hosts::run`.
+pub fn check_base_volume(host: &super::Host, pool: &str, name: &str) -> Result<ImageFormat, Error> {
+    host.volume_path(pool, name)?;
+    Ok(ImageFormat::Qcow2)
+}
+
 /// An image to fetch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageRequest {
