@@ -16,6 +16,7 @@ pub mod identity;
 pub mod image;
 pub mod machine;
 pub mod provision;
+pub mod qcow2;
 pub mod uri;
 pub mod volumes;
 pub mod xml;
