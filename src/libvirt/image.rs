@@ -9,7 +9,8 @@
 //!    resolve to allowed addresses at connect time, connect and read time out, and the size is
 //!    capped. The standard `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` variables are
 //!    honoured; behind a proxy the proxy resolves target names, so only the URL rules apply to
-//!    them.
+//!    them. (The proxy's own name is resolved under the same rules: give a proxy that listens
+//!    on loopback by its address, e.g. `http://127.0.0.1:3128`.)
 //! 3. **Verify** the file: its checksum, then its header ([`super::qcow2`]): the declared format,
 //!    no backing or data file.
 //! 4. **Upload** into a volume of this upload's own, named with a random nonce
@@ -17,8 +18,9 @@
 //!    volume. Only a volume with its marker is ever used.
 //!
 //! Several manager replicas may do this at once for the same image: each writes its own volume,
-//! so none deletes another's upload in progress, and every replica picks the same verified
-//! volume (the smallest name) for new machines. A replica deletes only its own failed upload.
+//! so none deletes another's upload in progress. Replicas racing on one image may each leave a
+//! verified copy (both stay valid, none is ever deleted); once they exist, every replica picks
+//! the same one (the smallest name). A replica deletes only its own failed upload.
 //! An upload left without a marker by a manager that died is deleted once its modification
 //! time (libvirt's `<timestamps><mtime>`) is older than [`ImageSettings::stale_upload_after`]
 //! (24 h by default): an upload in progress writes continuously, so it never looks that old.
@@ -720,7 +722,10 @@ fn is_stale(host: &Host, pool: &str, name: &str, stale_after: Duration) -> super
     let Some(volume) = lookup_volume(host, pool, name)? else {
         return Ok(false);
     };
-    let description = describe(host, &volume)?;
+    let description = match describe(host, &volume) {
+        Err(error) if error.is_not_found() => return Ok(false),
+        other => other?,
+    };
     let Some(mtime) = description.target.timestamps.and_then(|t| t.mtime) else {
         return Ok(false);
     };
