@@ -756,13 +756,12 @@ async fn replicas_never_delete_each_others_uploads_and_share_one_verified_base()
     let prefix = wanted.volume_name();
     let pool = "capl-img-replicas";
 
-    // Another replica's upload in progress (fresh, no marker), and one a dead replica left two
-    // days ago. Both hold the right bytes, but neither is verified.
+    // Another replica's upload in progress (fresh, part of the bytes, no marker), and a complete
+    // one a dead replica left unverified two days ago: neither may be used.
     let in_progress = format!("{prefix}-00000000000000aa.raw");
     let abandoned = format!("{prefix}-00000000000000bb.raw");
-    for name in [&in_progress, &abandoned] {
-        std::fs::write(pool_dir.join(name), &image).expect("leftover");
-    }
+    std::fs::write(pool_dir.join(&in_progress), &image[..1000]).expect("in progress");
+    std::fs::write(pool_dir.join(&abandoned), &image).expect("abandoned");
     let two_days_ago = std::process::Command::new("touch")
         .args(["-m", "-d", "2 days ago"])
         .arg(pool_dir.join(&abandoned))
@@ -786,6 +785,13 @@ async fn replicas_never_delete_each_others_uploads_and_share_one_verified_base()
     assert!(
         left.contains(&in_progress),
         "the upload in progress survived: {left:?}"
+    );
+    assert_eq!(
+        std::fs::read(pool_dir.join(&in_progress))
+            .expect("in progress")
+            .len(),
+        1000,
+        "and nobody wrote into it"
     );
     assert!(
         !left.contains(&abandoned),
