@@ -301,7 +301,19 @@ async fn images_with_backing_or_data_files_or_the_wrong_format_are_refused_befor
         "1M",
     ]);
     qcow2(Path::new(&at("clean.qcow2")), "1M");
+    // Smaller than the empty qcow2 libvirt would create: nothing of that may remain after it.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        &at("small.qcow2"),
+        "1M",
+    ]);
     let read = |name: &str| std::fs::read(at(name)).expect("image");
+    let small = read("small.qcow2");
     let (backed, datafile, clean) = (
         read("backed.qcow2"),
         read("datafile.qcow2"),
@@ -314,6 +326,7 @@ async fn images_with_backing_or_data_files_or_the_wrong_format_are_refused_befor
         ("/datafile", datafile.clone()),
         ("/clean", clean.clone()),
         ("/raw", raw.clone()),
+        ("/small", small.clone()),
     ]
     .into_iter()
     .collect();
@@ -363,6 +376,7 @@ async fn images_with_backing_or_data_files_or_the_wrong_format_are_refused_befor
     for (path, bytes, format) in [
         ("/clean", &clean, ImageFormat::Qcow2),
         ("/raw", &raw, ImageFormat::Raw),
+        ("/small", &small, ImageFormat::Qcow2),
     ] {
         let wanted = request(format!("http://{addr}{path}"), bytes, format);
         let base = cache
@@ -370,7 +384,15 @@ async fn images_with_backing_or_data_files_or_the_wrong_format_are_refused_befor
             .await
             .unwrap_or_else(|e| panic!("{path}: {e}"));
         assert_eq!(&std::fs::read(&base).expect("volume"), bytes, "{path}");
-        assert!(base.starts_with(&pool_dir.display().to_string()));
+        let name = base
+            .strip_prefix(&format!("{}/", pool_dir.display()))
+            .expect("in the pool");
+        let found = capl::libvirt::image::check_base_volume(&host, "capl-img-header", name);
+        assert_eq!(
+            found.expect("a clean base"),
+            format,
+            "{path}: libvirt's view"
+        );
     }
 }
 

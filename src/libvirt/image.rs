@@ -568,7 +568,10 @@ impl ImageCache {
     ) -> Result<(), Error> {
         let nonce = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
         let name = request.upload_name(&nonce);
-        let plan = volume_xml(&name, request.format.as_str())?;
+        // Created empty (raw) whatever the image's format: upload does not truncate, so a volume
+        // created as qcow2 would keep the tail of its fresh header past a smaller image.
+        // libvirt reads the real format from the content once the upload ends.
+        let plan = volume_xml(&name, "raw")?;
         let marker = marker_name(&name);
         let marker_xml = volume_xml(&marker, "raw")?;
         let dir = self.settings.download_dir.display().to_string();
@@ -680,8 +683,8 @@ pub fn verified_base(
     host: &Host,
     pool: &str,
     request: &ImageRequest,
-) -> Result<Option<String>, Error> {
-    Ok(survey(host, pool, request, None)?)
+) -> super::Result<Option<String>> {
+    survey(host, pool, request, None)
 }
 
 /// Finds the verified upload every replica picks; with `stale_after`, also deletes unverified
