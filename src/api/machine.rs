@@ -179,7 +179,7 @@ pub enum Firmware {
     validation = Rule::new("has(self.url) || (!has(self.checksum) && !has(self.format))").message("image.checksum and image.format apply only to image.url"),
     validation = Rule::new("!has(self.url) || (isURL(self.url) && url(self.url).getScheme() in ['http', 'https'] && url(self.url).getHostname() != '')").message("image.url must be an absolute http or https URL with a host").field_path(".url"),
     validation = Rule::new("!has(self.url) || !self.url.matches('%(0[0-9a-fA-F]|1[0-9a-fA-F]|7[fF])')").message("image.url must not contain percent-encoded control characters (%00-%1F, %7F)").field_path(".url"),
-    validation = Rule::new(r"!has(self.url) || !isURL(self.url) || !url(self.url).getHostname().matches('^(([^.]*\\.)*[lL][oO][cC][aA][lL][hH][oO][sS][tT]\\.?|127\\.[0-9.]*|0\\.[0-9.]*|169\\.254\\.[0-9.]*|::1?|[fF][eE][89aAbB][0-9a-fA-F]:.*|::[fF][fF][fF][fF]:(127|0|169\\.254)\\..*)$')").message("image.url must not point at the local machine, a loopback or a link-local address").field_path(".url")
+    validation = Rule::new(r"!has(self.url) || !self.url.matches('^[hH][tT][tT][pP][sS]?://(([^/?#:]*\\.)?[lL][oO][cC][aA][lL][hH][oO][sS][tT]\\.?|127\\.[0-9.]*|0\\.[0-9.]*|169\\.254\\.[0-9.]*|\\[(::1?|[fF][eE][89aAbB][0-9a-fA-F]:[^\\]]*|::[fF][fF][fF][fF]:((127|0|169\\.254)\\.[0-9.]*|(7[fF][0-9a-fA-F]{2}|[aA]9[fF][eE]|[0-9a-fA-F]{1,2}):[0-9a-fA-F]{1,4}))\\])([:/?#]|$)')").message("image.url must not point at the local machine, a loopback or a link-local address").field_path(".url")
 )]
 pub struct ImageSource {
     /// http(s) URL of a disk image (up to 2048 characters, no credentials, no whitespace). Each

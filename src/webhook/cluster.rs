@@ -155,8 +155,9 @@ fn validate_spec_update(
         .and_then(|s| s.hosts_in_use.as_deref())
         .unwrap_or_default();
     for recorded in in_use {
+        let listed_before = old.hosts.iter().any(|h| h.name == recorded.name);
         match new.hosts.iter().position(|h| h.name == recorded.name) {
-            None => v.error(
+            None if listed_before => v.error(
                 "spec.hosts",
                 format!(
                     "host {} has machines on it (status.hostsInUse) and cannot be removed; delete its machines first",
@@ -171,7 +172,7 @@ fn validate_spec_update(
                     quote(&recorded.uri)
                 ),
             ),
-            Some(_) => {}
+            _ => {}
         }
     }
 }
