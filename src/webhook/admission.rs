@@ -122,13 +122,63 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    /// A field error with path and message bounded in length.
+    /// A field error with path and message bounded in length and control characters escaped.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
-            path: bounded(path.into(), MAX_PATH_CHARS),
-            message: bounded(message.into(), MAX_MESSAGE_CHARS),
+            path: bounded(escape_controls(&path.into()), MAX_PATH_CHARS),
+            message: bounded(escape_controls(&message.into()), MAX_MESSAGE_CHARS),
         }
     }
+}
+
+/// `text` with every control character written as its escape (`\u{1b}`), so that no message
+/// carries a raw terminal or line control.
+fn escape_controls(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Shortens every `` `quoted` `` or `"quoted"` span of a decoder's message (serde quotes the
+/// offending value either way) to [`MAX_ECHOED_CHARS`] characters.
+fn shorten_quoted(message: &str) -> String {
+    let chars: Vec<char> = message.chars().collect();
+    let mut out = String::with_capacity(message.len().min(1024));
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        out.push(c);
+        i += 1;
+        if c != '`' && c != '"' {
+            continue;
+        }
+        let start = i;
+        while i < chars.len() && chars[i] != c {
+            i += if chars[i] == '\\' { 2 } else { 1 };
+        }
+        let end = i.min(chars.len());
+        let span = &chars[start..end];
+        if span.len() > MAX_ECHOED_CHARS {
+            out.extend(&span[..MAX_ECHOED_CHARS]);
+            out.push('…');
+        } else {
+            out.extend(span);
+        }
+        if i < chars.len() {
+            out.push(c);
+            i += 1;
+        }
+    }
+    out
 }
 
 impl fmt::Display for FieldError {
@@ -281,8 +331,12 @@ fn admit<K: Admit>(
 fn decode<K: DeserializeOwned>(object: &DynamicObject) -> Result<K, FieldError> {
     let value =
         serde_json::to_value(object).map_err(|e| FieldError::new("object", e.to_string()))?;
-    serde_path_to_error::deserialize(value)
-        .map_err(|e| FieldError::new(e.path().to_string(), e.inner().to_string()))
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        FieldError::new(
+            shorten_quoted(&e.path().to_string()),
+            shorten_quoted(&e.inner().to_string()),
+        )
+    })
 }
 
 /// The top-level spec fields (`image`, `hosts`, `template`, …) present in either object whose JSON
@@ -340,12 +394,19 @@ fn default<K: Admit>(response: AdmissionResponse, object: &K, old: Option<&K>) -
         return deny(response, "the object cannot be re-encoded as JSON");
     };
     if let Some(old) = old.and_then(|o| serde_json::to_value(o).ok()) {
-        let unchanged = spec_fields_unchanged(&old, &before);
-        let stored = before.get("spec").and_then(Value::as_object);
+        let field_of = |v: &Value, k: &str| v.get("spec").and_then(|s| s.get(k)).cloned();
         if let Some(spec) = after.get_mut("spec").and_then(Value::as_object_mut) {
-            for field in unchanged {
-                match stored.and_then(|s| s.get(&field)) {
-                    Some(value) => spec.insert(field, value.clone()),
+            let mut keys: BTreeSet<String> = spec.keys().cloned().collect();
+            if let Some(stored) = before.get("spec").and_then(Value::as_object) {
+                keys.extend(stored.keys().cloned());
+            }
+            for field in keys {
+                let written = field_of(&before, &field);
+                if written != field_of(&old, &field) {
+                    continue;
+                }
+                match written {
+                    Some(value) => spec.insert(field, value),
                     None => spec.remove(&field),
                 };
             }
