@@ -453,14 +453,24 @@ fn host_uri_pattern_agrees_with_the_parser() {
         "qemu+tls://169.254.169.254/system",
     ] {
         assert!(HostUri::parse(uri, dev).is_err(), "parser accepts {uri}");
-        assert!(schema.is_valid(&Value::from(uri)), "{uri}: the pattern is stricter than documented");
+        assert!(
+            schema.is_valid(&Value::from(uri)),
+            "{uri}: the pattern is stricter than documented"
+        );
     }
 }
 
 #[test]
 fn endpoint_host_pattern_takes_dns_names_and_ip_addresses_only() {
     let schema = pattern(api::cluster::ENDPOINT_HOST_PATTERN);
-    for ok in ["10.0.0.10", "api.example.com", "k8s-api", "2001:db8::10", "::1", "fe80::1"] {
+    for ok in [
+        "10.0.0.10",
+        "api.example.com",
+        "k8s-api",
+        "2001:db8::10",
+        "::1",
+        "fe80::1",
+    ] {
         assert!(schema.is_valid(&Value::from(ok)), "{ok}");
     }
     for bad in [
@@ -605,7 +615,11 @@ fn valid_fixtures_pass_the_schema_and_the_webhooks() {
             assert!(errors.is_empty(), "{}: schema: {errors:?}", fixture.name);
             cel_errors(doc, None).unwrap_or_else(|e| panic!("{}: CEL: {e}", fixture.name));
             let mutated = admit(Endpoint::Mutate, doc);
-            assert!(mutated.allowed, "{}: defaulting: {:?}", fixture.name, mutated.result);
+            assert!(
+                mutated.allowed,
+                "{}: defaulting: {:?}",
+                fixture.name, mutated.result
+            );
             let mut defaulted = doc.clone();
             if let Some(patch) = &mutated.patch {
                 let patch: json_patch::Patch = serde_json::from_slice(patch).expect("JSON patch");
@@ -640,7 +654,11 @@ fn invalid_fixtures_marked_for_the_webhook_are_denied_by_it_too() {
             continue;
         };
         let response = admit(Endpoint::Validate, &fixture.docs[0]);
-        assert!(!response.allowed, "{}: the webhook allowed it", fixture.name);
+        assert!(
+            !response.allowed,
+            "{}: the webhook allowed it",
+            fixture.name
+        );
         assert!(
             response.result.message.contains(message),
             "{}: {:?} lacks {message:?}",
@@ -649,7 +667,10 @@ fn invalid_fixtures_marked_for_the_webhook_are_denied_by_it_too() {
         );
         checked += 1;
     }
-    assert!(checked >= 20, "only {checked} fixtures marked for the webhook");
+    assert!(
+        checked >= 20,
+        "only {checked} fixtures marked for the webhook"
+    );
 }
 
 // ---------------------------------------------------------------- on the real apiserver

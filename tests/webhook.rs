@@ -385,7 +385,8 @@ async fn the_test_driver_is_allowed_only_with_the_flag() {
     assert_eq!(allowed["response"]["allowed"], true, "{allowed}");
     let warnings = allowed["response"]["warnings"].to_string();
     assert!(
-        warnings.contains("spec.hosts[0].uri: the test driver keeps virtual machines in memory only"),
+        warnings
+            .contains("spec.hosts[0].uri: the test driver keeps virtual machines in memory only"),
         "{warnings}"
     );
     // Templates are held to the same policy.
@@ -396,15 +397,23 @@ async fn the_test_driver_is_allowed_only_with_the_flag() {
         "spec": {"template": {"spec": {"hosts": [{"name": "a", "uri": "test:///default"}]}}},
     });
     let body = review("CREATE", &template, None, false);
-    let (_, denied) =
-        call_with(&PROD, Kind::LibvirtClusterTemplate, Endpoint::Validate, &body).await;
+    let (_, denied) = call_with(
+        &PROD,
+        Kind::LibvirtClusterTemplate,
+        Endpoint::Validate,
+        &body,
+    )
+    .await;
     assert!(
         message_of(&denied).starts_with("spec.template.spec.hosts[0].uri: ")
             && message_of(&denied).contains("--allow-test-driver"),
         "{denied}"
     );
     // Any other test:// URI is refused whatever the flag says: the driver quotes the file.
-    for uri in ["test:///etc/passwd", "test:///var/run/secrets/kubernetes.io/serviceaccount/token"] {
+    for uri in [
+        "test:///etc/passwd",
+        "test:///var/run/secrets/kubernetes.io/serviceaccount/token",
+    ] {
         let object = cluster(json!({"hosts": [{"name": "a", "uri": uri}]}));
         let body = review("CREATE", &object, None, false);
         let (_, denied) = call_with(&DEV, Kind::LibvirtCluster, Endpoint::Validate, &body).await;
@@ -465,10 +474,19 @@ async fn echoed_values_are_bounded_and_escaped() {
             "{kind:?}: a {} byte message",
             message.len()
         );
-        assert!(!message.contains(&whole_run), "{kind:?}: a value came back whole: {message}");
-        assert!(!message.contains('\u{1b}'), "{kind:?}: a raw control character: {message}");
+        assert!(
+            !message.contains(&whole_run),
+            "{kind:?}: a value came back whole: {message}"
+        );
+        assert!(
+            !message.contains('\u{1b}'),
+            "{kind:?}: a raw control character: {message}"
+        );
         let warnings = response["response"]["warnings"].to_string();
-        assert!(warnings.len() < 8 * 1024 && !warnings.contains(&whole_run), "{warnings}");
+        assert!(
+            warnings.len() < 8 * 1024 && !warnings.contains(&whole_run),
+            "{warnings}"
+        );
     }
 }
 
@@ -479,7 +497,8 @@ async fn hosts_in_use_can_neither_be_removed_nor_repointed() {
         {"name": "b", "uri": "qemu:///system"},
     ]);
     let mut old = cluster(json!({"hosts": hosts}));
-    old["status"] = json!({"hostsInUse": [{"name": "a", "uri": "qemu+ssh://a.example.com/system"}]});
+    old["status"] =
+        json!({"hostsInUse": [{"name": "a", "uri": "qemu+ssh://a.example.com/system"}]});
     let validate = |new: Value, old: Value| async move {
         let (_, response) = call(
             Kind::LibvirtCluster,
@@ -494,7 +513,9 @@ async fn hosts_in_use_can_neither_be_removed_nor_repointed() {
     let response = validate(removed.clone(), old.clone()).await;
     assert_eq!(response["response"]["allowed"], false);
     assert!(
-        message_of(&response).contains("spec.hosts: host \"a\" has machines on it (status.hostsInUse) and cannot be removed"),
+        message_of(&response).contains(
+            "spec.hosts: host \"a\" has machines on it (status.hostsInUse) and cannot be removed"
+        ),
         "{response}"
     );
     // Without machines on it, removal is only a warning (the old behaviour).
@@ -534,7 +555,8 @@ async fn update_defaulting_leaves_unchanged_fields_as_stored() {
     let mut with_finalizer = old.clone();
     with_finalizer["metadata"]["finalizers"] = json!(["test.capl/hold"]);
     let mut with_provider_id = old.clone();
-    with_provider_id["spec"]["providerID"] = json!("libvirt://a/0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c");
+    with_provider_id["spec"]["providerID"] =
+        json!("libvirt://a/0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c");
     for new in [with_finalizer, with_provider_id] {
         let (_, response) = call(
             Kind::LibvirtMachine,
@@ -566,7 +588,10 @@ async fn update_defaulting_leaves_unchanged_fields_as_stored() {
     .await;
     let defaulted = apply_patch(&new, &response);
     assert_eq!(defaulted["spec"]["hosts"][1]["domainType"], "kvm");
-    assert_eq!(defaulted["spec"]["controlPlaneEndpoint"], json!({"host": "10.0.0.10"}));
+    assert_eq!(
+        defaulted["spec"]["controlPlaneEndpoint"],
+        json!({"host": "10.0.0.10"})
+    );
     assert!(defaulted["spec"].get("network").is_none(), "{defaulted}");
     // On create, everything is defaulted as before.
     let (_, response) = call(
@@ -593,7 +618,10 @@ async fn validation_ratchets_on_fields_left_unchanged() {
         &review("CREATE", &old, None, false),
     )
     .await;
-    assert_eq!(created["response"]["allowed"], false, "a new object is held to every rule");
+    assert_eq!(
+        created["response"]["allowed"], false,
+        "a new object is held to every rule"
+    );
     let mut new = old.clone();
     new["metadata"]["finalizers"] = json!([]);
     new["spec"]["providerID"] = json!("libvirt://a/0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c");
@@ -618,7 +646,10 @@ async fn validation_ratchets_on_fields_left_unchanged() {
     )
     .await;
     assert_eq!(response["response"]["allowed"], false);
-    assert!(message_of(&response).starts_with("spec.providerID: must be 1-512 printable ASCII"), "{response}");
+    assert!(
+        message_of(&response).starts_with("spec.providerID: must be 1-512 printable ASCII"),
+        "{response}"
+    );
 }
 
 #[tokio::test]
@@ -640,7 +671,8 @@ async fn an_interface_naming_neither_network_nor_bridge_takes_the_cluster_networ
     )
     .await;
     assert!(
-        message_of(&response).contains("spec.networkInterfaces[0]: at most one of network or bridge"),
+        message_of(&response)
+            .contains("spec.networkInterfaces[0]: at most one of network or bridge"),
         "{response}"
     );
 }
@@ -761,7 +793,11 @@ fn manager() -> &'static Manager {
         // Objects stored while no webhook was installed: without defaults, and breaking rules
         // only the webhook knows (what an upgrade finds in etcd).
         let out = bed.kubectl_stdin(&["apply", "-f", "-"], &legacy_objects());
-        assert!(out.status.success(), "legacy objects: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "legacy objects: {}",
+            text(&out.stderr)
+        );
         let target = Target::Url(format!("https://127.0.0.1:{webhook_port}"));
         let manifests =
             configs::render(&target, Some(plane.ca.cert_pem.as_bytes())).expect("render");
@@ -953,26 +989,43 @@ fn stored_objects_without_defaults_take_finalizers_and_a_provider_id() {
         let mut all = vec!["-n", LEGACY_NAMESPACE];
         all.extend_from_slice(args);
         let out = bed.kubectl(&all);
-        assert!(out.status.success(), "kubectl {}: {}", args.join(" "), text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            text(&out.stderr)
+        );
         text(&out.stderr)
     };
     for kind in ["libvirtmachine", "libvirtcluster", "libvirtmachinetemplate"] {
         let stored = bed.kubectl(&["get", kind, "legacy", "-n", LEGACY_NAMESPACE, "-o", "json"]);
         let stored: Value = serde_json::from_slice(&stored.stdout).expect("object");
         kubectl(&[
-            "patch", kind, "legacy", "--type=merge",
-            "-p", r#"{"metadata":{"finalizers":["test.capl.io/hold"]}}"#,
+            "patch",
+            kind,
+            "legacy",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":["test.capl.io/hold"]}}"#,
         ]);
         if kind == "libvirtmachine" {
             let warnings = kubectl(&[
-                "patch", kind, "legacy", "--type=merge",
-                "-p", r#"{"spec":{"providerID":"libvirt://a/0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c"}}"#,
+                "patch",
+                kind,
+                "legacy",
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"providerID":"libvirt://a/0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c"}}"#,
             ]);
             assert!(warnings.contains("not enforced"), "{warnings}");
         }
         kubectl(&[
-            "patch", kind, "legacy", "--type=json",
-            "-p", r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+            "patch",
+            kind,
+            "legacy",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
         ]);
         let after = bed.kubectl(&["get", kind, "legacy", "-n", LEGACY_NAMESPACE, "-o", "json"]);
         let mut after: Value = serde_json::from_slice(&after.stdout).expect("object");
@@ -981,9 +1034,15 @@ fn stored_objects_without_defaults_take_finalizers_and_a_provider_id() {
                 after["spec"]["providerID"],
                 "libvirt://a/0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c"
             );
-            after["spec"].as_object_mut().expect("spec").remove("providerID");
+            after["spec"]
+                .as_object_mut()
+                .expect("spec")
+                .remove("providerID");
         }
-        assert_eq!(after["spec"], stored["spec"], "{kind}: the stored spec was changed");
+        assert_eq!(
+            after["spec"], stored["spec"],
+            "{kind}: the stored spec was changed"
+        );
         assert!(after["metadata"].get("finalizers").is_none(), "{kind}");
     }
 }
@@ -994,14 +1053,21 @@ fn hosts_in_use_hold_through_the_apiserver() {
     let bed = support::shared();
     let host_a = json!({"name": "a", "uri": "qemu+ssh://a.example.com/system"});
     let host_b = json!({"name": "b", "uri": "qemu:///system"});
-    let mut doc = cluster(json!({"controlPlaneEndpoint": {"host": "10.0.0.10"}, "hosts": [host_a, host_b]}));
+    let mut doc =
+        cluster(json!({"controlPlaneEndpoint": {"host": "10.0.0.10"}, "hosts": [host_a, host_b]}));
     doc["metadata"]["name"] = json!("in-use");
     let out = apply(&doc, false);
     assert!(out.status.success(), "{}", text(&out.stderr));
     // The machine controller records the host before it creates a VM there.
     let out = bed.kubectl(&[
-        "patch", "libvirtcluster", "in-use", "-n", "default", "--subresource=status",
-        "--type=merge", "-p",
+        "patch",
+        "libvirtcluster",
+        "in-use",
+        "-n",
+        "default",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
         r#"{"status":{"hostsInUse":[{"name":"a","uri":"qemu+ssh://a.example.com/system"}]}}"#,
     ]);
     assert!(out.status.success(), "status: {}", text(&out.stderr));
@@ -1012,7 +1078,8 @@ fn hosts_in_use_hold_through_the_apiserver() {
     let out = apply(&removed, false);
     assert!(!out.status.success(), "a host in use was removed");
     assert!(
-        text(&out.stderr).contains("host \"a\" has machines on it (status.hostsInUse) and cannot be removed"),
+        text(&out.stderr)
+            .contains("host \"a\" has machines on it (status.hostsInUse) and cannot be removed"),
         "{}",
         text(&out.stderr)
     );
@@ -1021,7 +1088,11 @@ fn hosts_in_use_hold_through_the_apiserver() {
     repointed["spec"]["hosts"][0]["uri"] = json!("qemu+ssh://evil.example.com/system");
     let out = apply(&repointed, false);
     assert!(!out.status.success(), "a host in use was re-pointed");
-    assert!(text(&out.stderr).contains("spec.hosts[0].uri"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("spec.hosts[0].uri"),
+        "{}",
+        text(&out.stderr)
+    );
     // A host without machines can still go.
     let mut spare = doc.clone();
     spare["spec"]["hosts"] = json!([host_a]);
@@ -1036,11 +1107,16 @@ fn hosts_in_use_hold_through_the_apiserver() {
     ]);
     assert!(out.status.success(), "status: {}", text(&out.stderr));
     let mut readded = spare.clone();
-    readded["spec"]["hosts"] = json!([host_a, {"name": "b", "uri": "qemu+tls://b.example.com/system"}]);
+    readded["spec"]["hosts"] =
+        json!([host_a, {"name": "b", "uri": "qemu+tls://b.example.com/system"}]);
     let out = apply(&readded, false);
-    assert!(!out.status.success(), "a host in use came back under another URI");
     assert!(
-        text(&out.stderr).contains("host \"b\" has machines on it (status.hostsInUse) at \"qemu:///system\""),
+        !out.status.success(),
+        "a host in use came back under another URI"
+    );
+    assert!(
+        text(&out.stderr)
+            .contains("host \"b\" has machines on it (status.hostsInUse) at \"qemu:///system\""),
         "{}",
         text(&out.stderr)
     );

@@ -345,7 +345,10 @@ fn spec_fields_unchanged(old: &Value, new: &Value) -> BTreeSet<String> {
     let empty = Map::new();
     let spec = |v: &Value| v.get("spec").and_then(Value::as_object).cloned();
     let (old, new) = (spec(old), spec(new));
-    let (old, new) = (old.as_ref().unwrap_or(&empty), new.as_ref().unwrap_or(&empty));
+    let (old, new) = (
+        old.as_ref().unwrap_or(&empty),
+        new.as_ref().unwrap_or(&empty),
+    );
     old.keys()
         .chain(new.keys())
         .filter(|k| old.get(*k) == new.get(*k))
@@ -384,7 +387,11 @@ fn ratchet<K: Serialize>(old: &K, new: &K, verdict: &mut Verdict) {
 
 /// Answers with the JSON patch from the object to its defaulted form (none if nothing changes).
 /// On update (`old` given), top-level spec fields equal to the old object's stay as they are.
-fn default<K: Admit>(response: AdmissionResponse, object: &K, old: Option<&K>) -> AdmissionResponse {
+fn default<K: Admit>(
+    response: AdmissionResponse,
+    object: &K,
+    old: Option<&K>,
+) -> AdmissionResponse {
     let mut defaulted = object.clone();
     defaulted.apply_defaults();
     let (Ok(before), Ok(mut after)) = (

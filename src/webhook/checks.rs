@@ -154,7 +154,9 @@ pub fn ssh_key(line: &str) -> Result<&str, String> {
         Ok(_) | Err(ssh_key::Error::AlgorithmUnknown) => {
             Err(format!("key data does not match its type {kind:?}"))
         }
-        Err(error) => Err(format!("key data is not a valid {kind} public key ({error})")),
+        Err(error) => Err(format!(
+            "key data is not a valid {kind} public key ({error})"
+        )),
     }
 }
 
@@ -328,7 +330,6 @@ mod tests {
         assert!(!locally_administered([0x00, 0x1b, 0x21, 1, 2, 3]));
     }
 
-
     #[test]
     fn ssh_keys() {
         let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ops@example";
@@ -338,7 +339,11 @@ mod tests {
                 .unwrap_err()
                 .contains("does not match")
         );
-        assert!(ssh_key("ssh-ed25519 !!!").unwrap_err().contains("not a valid"));
+        assert!(
+            ssh_key("ssh-ed25519 !!!")
+                .unwrap_err()
+                .contains("not a valid")
+        );
         assert!(
             ssh_key("ssh-ed25519 AAAA\nruncmd")
                 .unwrap_err()
@@ -350,7 +355,8 @@ mod tests {
             assert!(err.contains("line separators"), "{separator:?}: {err}");
         }
         // A well-formed blob of another length or structure does not pass as its type.
-        let truncated = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9 x";
+        let truncated =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9 x";
         assert!(ssh_key(truncated).unwrap_err().contains("not a valid"));
         let rsa = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDDfakeAAAA";
         assert!(ssh_key(rsa).is_err());
@@ -379,7 +385,13 @@ mod tests {
 
     #[test]
     fn endpoint_hosts_and_provider_ids() {
-        for ok in ["10.0.0.10", "api.example.com", "2001:db8::10", "a", "k8s-api.local"] {
+        for ok in [
+            "10.0.0.10",
+            "api.example.com",
+            "2001:db8::10",
+            "a",
+            "k8s-api.local",
+        ] {
             assert!(endpoint_host(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -397,7 +409,14 @@ mod tests {
         }
         assert!(endpoint_host(&"a".repeat(254)).is_err());
         assert!(provider_id("libvirt://host-a/0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c").is_ok());
-        for bad in ["libvirt://a/\u{0}", "libvirt://a/\u{1b}[31m", "a b", "caf\u{e9}", "\u{85}", ""] {
+        for bad in [
+            "libvirt://a/\u{0}",
+            "libvirt://a/\u{1b}[31m",
+            "a b",
+            "caf\u{e9}",
+            "\u{85}",
+            "",
+        ] {
             let err = provider_id(bad).unwrap_err();
             assert!(err.contains("printable ASCII"), "{bad:?}: {err}");
         }
@@ -409,24 +428,36 @@ mod tests {
         assert!(qualified_name("example.com/MyName").is_empty());
         assert!(qualified_name("cluster.x-k8s.io/cluster-name").is_empty());
         assert_eq!(qualified_name("/a"), vec!["prefix part must be non-empty"]);
-        assert_eq!(qualified_name("a/"), vec![
-            "name part must be non-empty".to_owned(),
-            format!("name part {QUALIFIED_NAME_MESSAGE}"),
-        ]);
+        assert_eq!(
+            qualified_name("a/"),
+            vec![
+                "name part must be non-empty".to_owned(),
+                format!("name part {QUALIFIED_NAME_MESSAGE}"),
+            ]
+        );
         assert_eq!(
             qualified_name(&"a".repeat(64)),
             vec!["name part must be no more than 63 characters"]
         );
         assert!(qualified_name("a/b/c")[0].starts_with("a qualified name must consist of"));
-        assert!(qualified_name("Example.com/a")[0].starts_with("prefix part a lowercase RFC 1123 subdomain"));
+        assert!(
+            qualified_name("Example.com/a")[0]
+                .starts_with("prefix part a lowercase RFC 1123 subdomain")
+        );
         assert!(qualified_name("-a")[0].starts_with("name part must consist of"));
         assert!(qualified_name("a\nb")[0].starts_with("name part must consist of"));
         assert!(label_value("").is_empty());
         assert!(label_value("my_value").is_empty());
-        assert_eq!(label_value(&"a".repeat(64)), vec!["must be no more than 63 characters"]);
+        assert_eq!(
+            label_value(&"a".repeat(64)),
+            vec!["must be no more than 63 characters"]
+        );
         assert!(label_value("a b")[0].starts_with("a valid label must be an empty string"));
         let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         };
         assert!(labels(&map(&[("pool", "workers")])).is_empty());
         assert_eq!(labels(&map(&[("pool", "a b")])).len(), 1);
@@ -435,6 +466,9 @@ mod tests {
         assert_eq!(annotations(&map(&[("a b", "")])).len(), 1);
         let big = "x".repeat(MAX_ANNOTATIONS_BYTES);
         let errors = annotations(&map(&[("a", &big)]));
-        assert_eq!(errors, vec![(String::new(), "must have at most 262144 bytes".to_owned())]);
+        assert_eq!(
+            errors,
+            vec![(String::new(), "must have at most 262144 bytes".to_owned())]
+        );
     }
 }

@@ -32,7 +32,12 @@ pub fn default_spec(spec: &mut LibvirtClusterSpec) {
 
 /// Every semantic rule of a cluster spec; `at` is the spec's path. Host URIs are checked by the
 /// same parser the backend applies before it connects ([`HostUri::parse`]), under `policy`.
-pub fn validate_spec(spec: &LibvirtClusterSpec, at: &str, policy: &AdmissionPolicy, v: &mut Verdict) {
+pub fn validate_spec(
+    spec: &LibvirtClusterSpec,
+    at: &str,
+    policy: &AdmissionPolicy,
+    v: &mut Verdict,
+) {
     if let Some(endpoint) = &spec.control_plane_endpoint {
         let here = format!("{at}.controlPlaneEndpoint");
         if let Err(message) = checks::endpoint_host(&endpoint.host) {
@@ -254,7 +259,11 @@ mod tests {
             "qemu+tls://hv1.example.com/system",
             "test:///default",
         ] {
-            assert!(uri_errors(ok, &DEV).is_empty(), "{ok}: {:?}", uri_errors(ok, &DEV));
+            assert!(
+                uri_errors(ok, &DEV).is_empty(),
+                "{ok}: {:?}",
+                uri_errors(ok, &DEV)
+            );
         }
         for (bad, why) in [
             ("http://hv1/system", "not supported"),
@@ -269,14 +278,19 @@ mod tests {
             ("qemu:///system?socket=../x", "socket must be"),
             ("qemu:///system?socket=/a/../b-sock", "socket must be"),
             ("test://", "only accepted as test:///default"),
-            ("test:///etc/capl/node.xml", "only accepted as test:///default"),
+            (
+                "test:///etc/capl/node.xml",
+                "only accepted as test:///default",
+            ),
             ("qemu:///system#x", "got '#'"),
             ("qemu:///system?socket=/a-sock&socket=/b-sock", "repeated"),
             ("qemu+ssh://h/system?no_tty=1;command=/tmp/x", "';'"),
         ] {
             let errors = uri_errors(bad, &DEV);
             assert!(
-                errors.len() == 1 && errors[0].starts_with("spec.hosts[0].uri: ") && errors[0].contains(why),
+                errors.len() == 1
+                    && errors[0].starts_with("spec.hosts[0].uri: ")
+                    && errors[0].contains(why),
                 "{bad}: {errors:?}"
             );
         }
@@ -290,7 +304,10 @@ mod tests {
 
     #[test]
     fn hosts_in_use_keep_their_uri() {
-        let old = spec(&[("a", "qemu+ssh://a.example.com/system"), ("b", "qemu:///system")]);
+        let old = spec(&[
+            ("a", "qemu+ssh://a.example.com/system"),
+            ("b", "qemu:///system"),
+        ]);
         let status = LibvirtClusterStatus {
             hosts_in_use: Some(vec![HostInUse {
                 name: "a".into(),
@@ -307,12 +324,27 @@ mod tests {
         let removed = spec(&[("b", "qemu:///system")]);
         assert!(check(&removed, None).is_empty());
         assert!(check(&removed, Some(&status))[0].contains("cannot be removed"));
-        assert!(check(&spec(&[("a", "qemu+ssh://a.example.com/system")]), Some(&status)).is_empty());
+        assert!(
+            check(
+                &spec(&[("a", "qemu+ssh://a.example.com/system")]),
+                Some(&status)
+            )
+            .is_empty()
+        );
         // Step two of "remove, then re-add under another URI" is denied too.
         let old_without_a = spec(&[("b", "qemu:///system")]);
-        let readded = spec(&[("a", "qemu+ssh://evil.example.com/system"), ("b", "qemu:///system")]);
+        let readded = spec(&[
+            ("a", "qemu+ssh://evil.example.com/system"),
+            ("b", "qemu:///system"),
+        ]);
         let mut v = Verdict::default();
         validate_spec_update(&old_without_a, Some(&status), &readded, &mut v);
-        assert!(v.errors[0].to_string().starts_with("spec.hosts[0].uri: host \"a\" has machines on it"), "{:?}", v.errors);
+        assert!(
+            v.errors[0]
+                .to_string()
+                .starts_with("spec.hosts[0].uri: host \"a\" has machines on it"),
+            "{:?}",
+            v.errors
+        );
     }
 }

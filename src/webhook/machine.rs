@@ -198,7 +198,10 @@ fn validate_interfaces(spec: &LibvirtMachineSpec, at: &str, v: &mut Verdict) {
         if !name_ok {
             v.error(
                 format!("{here}.name"),
-                format!("must be 1-15 lowercase letters, digits or '-', starting with a letter, got {}", quote(&nic.name)),
+                format!(
+                    "must be 1-15 lowercase letters, digits or '-', starting with a letter, got {}",
+                    quote(&nic.name)
+                ),
             );
         }
         if !names.insert(nic.name.as_str()) {
@@ -225,7 +228,10 @@ fn validate_interfaces(spec: &LibvirtMachineSpec, at: &str, v: &mut Verdict) {
         {
             v.error(
                 format!("{here}.bridge"),
-                format!("must be a Linux interface name (1-15 letters, digits, '_', '.', '-'), got {}", quote(bridge)),
+                format!(
+                    "must be a Linux interface name (1-15 letters, digits, '_', '.', '-'), got {}",
+                    quote(bridge)
+                ),
             );
         }
         if let Some(mac) = &nic.mac_address {
@@ -358,7 +364,11 @@ pub fn validate_template_meta(meta: Option<&TemplateMeta>, v: &mut Verdict) {
     let Some(meta) = meta else { return };
     let at = "spec.template.metadata";
     for (field, map, errors) in [
-        ("labels", &meta.labels, meta.labels.as_ref().map(checks::labels)),
+        (
+            "labels",
+            &meta.labels,
+            meta.labels.as_ref().map(checks::labels),
+        ),
         (
             "annotations",
             &meta.annotations,
