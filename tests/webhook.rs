@@ -454,7 +454,8 @@ async fn echoed_values_are_bounded_and_escaped() {
             cluster(json!({
                 "controlPlaneEndpoint": {"host": huge},
                 "hosts": [
-                    {"name": huge, "uri": format!("qemu+ssh://{}/system", "a".repeat(1000)), "credentialsSecretRef": {"name": huge}},
+                    {"name": huge, "uri": format!("qemu+ssh://{}/system", "x".repeat(1000)), "credentialsSecretRef": {"name": huge}},
+                    {"name": "c", "uri": format!("qemu:///system?socket=/{}-sock", "x".repeat(1000))},
                     {"name": "b", "uri": huge},
                 ],
             })),

@@ -182,8 +182,11 @@ pub enum Firmware {
     validation = Rule::new(r"!has(self.url) || !self.url.matches('^[hH][tT][tT][pP][sS]?://(([^/?#:]*\\.)?[lL][oO][cC][aA][lL][hH][oO][sS][tT]\\.?|127\\.[0-9.]*|0\\.[0-9.]*|169\\.254\\.[0-9.]*|\\[(::1?|[fF][eE][89aAbB][0-9a-fA-F]:[^\\]]*|::[fF][fF][fF][fF]:((127|0|169\\.254)\\.[0-9.]*|(7[fF][0-9a-fA-F]{2}|[aA]9[fF][eE]|[0-9a-fA-F]{1,2}):[0-9a-fA-F]{1,4}))\\])([:/?#]|$)')").message("image.url must not point at the local machine, a loopback or a link-local address").field_path(".url")
 )]
 pub struct ImageSource {
-    /// http(s) URL of a disk image (up to 2048 characters, no credentials, no whitespace). Each
-    /// host downloads it once per storage pool, verifies `checksum`, and reuses it.
+    /// http(s) URL of a disk image (up to 2048 characters, no credentials, no whitespace or
+    /// control characters, raw or percent-encoded). The manager downloads it from inside the
+    /// management cluster, so it must not point at the local machine, a loopback or a link-local
+    /// address (cloud metadata services) in any spelling. Each host downloads it once per storage
+    /// pool, verifies `checksum`, and reuses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 2048),

@@ -148,9 +148,10 @@ fn escape_controls(text: &str) -> String {
         .collect()
 }
 
-/// Shortens every `` `quoted` `` or `"quoted"` span of a decoder's message (serde quotes the
-/// offending value either way) to [`MAX_ECHOED_CHARS`] characters.
-fn shorten_quoted(message: &str) -> String {
+/// Shortens every `` `quoted` `` or `"quoted"` span of a message written elsewhere (serde's
+/// decoder, the URI parser: they quote the offending value either way) to [`MAX_ECHOED_CHARS`]
+/// characters.
+pub fn shorten_quoted(message: &str) -> String {
     let chars: Vec<char> = message.chars().collect();
     let mut out = String::with_capacity(message.len().min(1024));
     let mut i = 0;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use super::admission::{AdmissionPolicy, Admit, Kind, RequestInfo, Verdict, quote};
+use super::admission::{AdmissionPolicy, Admit, Kind, RequestInfo, Verdict, quote, shorten_quoted};
 use super::checks;
 use super::machine::{template_immutable, validate_template_meta};
 use crate::api::{
@@ -79,7 +79,7 @@ pub fn validate_spec(
             );
         }
         match HostUri::parse(&host.uri, policy.uri) {
-            Err(error) => v.error(format!("{here}.uri"), error.0),
+            Err(error) => v.error(format!("{here}.uri"), shorten_quoted(&error.0)),
             Ok(uri) => {
                 for warning in uri.warnings() {
                     v.warn(format!("{here}.uri"), warning);
