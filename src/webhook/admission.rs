@@ -457,3 +457,51 @@ fn deny(mut response: AdmissionResponse, message: &str) -> AdmissionResponse {
     response.result = Status::failure(message, "Invalid").with_code(422);
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_values_are_escaped_and_cut() {
+        assert_eq!(quote("a\u{1b}b"), "\"a\\u{1b}b\"");
+        let long = "x".repeat(16 * 1024);
+        let quoted = quote(&long);
+        assert!(
+            quoted.len() < 100 && quoted.ends_with("… (16384 characters)"),
+            "{quoted}"
+        );
+        let message = shorten_quoted(&format!("unknown variant `{long}`, expected `kvm`"));
+        assert_eq!(
+            message,
+            format!(
+                "unknown variant `{}…`, expected `kvm`",
+                "x".repeat(MAX_ECHOED_CHARS)
+            )
+        );
+        let message = shorten_quoted(&format!("got \"a\\\"{long}\" here"));
+        assert!(
+            message.len() < 100 && message.ends_with("…\" here"),
+            "{message}"
+        );
+        let error = FieldError::new("spec.x", format!("raw \u{1b}[2J {long}"));
+        assert!(
+            error.message.starts_with("raw \\u{1b}[2J x"),
+            "{}",
+            error.message
+        );
+        assert_eq!(error.message.chars().count(), MAX_MESSAGE_CHARS + 1);
+    }
+
+    #[test]
+    fn errors_point_into_top_level_spec_fields() {
+        assert_eq!(spec_field_of("spec.image.url"), Some("image"));
+        assert_eq!(spec_field_of("spec.hosts[0].uri"), Some("hosts"));
+        assert_eq!(spec_field_of("spec.providerID"), Some("providerID"));
+        assert_eq!(
+            spec_field_of("spec.template.metadata.labels"),
+            Some("template")
+        );
+        assert_eq!(spec_field_of("metadata.name"), None);
+    }
+}
