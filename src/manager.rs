@@ -104,9 +104,13 @@ fn start_webhooks(
             .watch(args.webhook_cert_reload_interval, wait_for(stop.clone())),
     );
     let addr = std::net::SocketAddr::new(args.webhook_host, args.webhook_port);
+    let policy = webhook::admission::AdmissionPolicy {
+        uri: args.uri_policy(),
+    };
     Ok(Some(tokio::spawn(webhook::server::serve(
         addr,
         certs,
+        policy,
         wait_for(stop.clone()),
     ))))
 }

@@ -337,6 +337,158 @@ fn fixtures_against_the_json_schema() {
     }
 }
 
+/// A validator for one schema `pattern`, the way the JSON-schema tests evaluate it.
+fn pattern(regex: &str) -> jsonschema::Validator {
+    jsonschema::draft4::new(&serde_json::json!({"type": "string", "pattern": regex}))
+        .expect("a valid pattern")
+}
+
+/// The CRD's host URI pattern accepts every URI the backend's parser accepts, and refuses the
+/// syntax the parser refuses (the review's bypasses included). It may accept more only where a
+/// regular expression cannot say the rule: repeated parameters, forbidden IP literals, the test
+/// driver without the flag.
+#[test]
+fn host_uri_pattern_agrees_with_the_parser() {
+    use capl::libvirt::uri::{HostUri, UriPolicy};
+    let schema = pattern(api::cluster::HOST_URI_PATTERN);
+    let dev = UriPolicy {
+        allow_test_driver: true,
+    };
+    let parsed_ok = [
+        "qemu:///system",
+        "qemu:///session",
+        "qemu:///system?socket=/run/libvirt/libvirt-sock",
+        "qemu:///system?socket=/tmp/capl-bed-1-x/libvirt/run/libvirt-sock",
+        "qemu:///system?socket=/a/.b/...c/-sock-ro",
+        "qemu+ssh://capl@hv1.example.com/system",
+        "qemu+ssh://_svc.x-1@hv1.example.com/session",
+        "qemu+ssh://hv1.example.com:2222/system?no_tty=1&known_hosts_verify=normal",
+        "qemu+ssh://root@hv-1/system?socket=/var/run/libvirt/libvirt-sock-ro",
+        "qemu+ssh://hv1/system?no_verify=0&no_tty=1&known_hosts_verify=ignore&socket=/r/x-sock",
+        "qemu+ssh://capl@192.0.2.10/system",
+        "qemu+ssh://capl@[2001:db8::10]:22/system",
+        "qemu+ssh://[2001:db8:0:0:0:0:0:10]/system",
+        "qemu+ssh://[::ffff:192.0.2.1]/system",
+        "qemu+ssh://1a.2b.example/system",
+        "qemu+tls://hv1.example.com/system",
+        "qemu+tls://hv1.example.com:16514/system?no_verify=1",
+        "qemu+tls://HV1.Example.COM:65535/system",
+        "test:///default",
+    ];
+    for uri in parsed_ok {
+        assert!(HostUri::parse(uri, dev).is_ok(), "parser refuses {uri}");
+        assert!(schema.is_valid(&Value::from(uri)), "pattern refuses {uri}");
+    }
+    let refused_by_both = [
+        "qemu+ssh://h/system?no_tty=1;command=/tmp/x",
+        "qemu+ssh://h/system?socket=/run/x%7Ctouch%20/tmp/pwn",
+        "qemu+ssh://h/system?no_tty%00=1",
+        "qemu+ssh://%2DoProxyCommand/system",
+        "qemu+ssh://h%20-oProxyCommand=x/system",
+        "qemu+ssh://-oProxyCommand=x/system",
+        "qemu+ssh://-l@h/system",
+        "qemu+ssh://u:pw@h/system",
+        "qemu+ssh://h/system?command=/bin/sh",
+        "qemu+ssh://h/system?keyfile=/etc/shadow",
+        "qemu+ssh://h/system?netcat=/tmp/x",
+        "qemu+ssh://h/system?known_hosts=/etc/x",
+        "qemu+ssh://h/system?proxy=native",
+        "qemu+ssh://h/system?name=qemu:///embed",
+        "qemu+ssh://h/system?no_tty=yes",
+        "qemu+ssh://h/system?known_hosts_verify=never",
+        "qemu+ssh://h/system?no_tty",
+        "qemu+ssh://h/system?",
+        "qemu+ssh://h/system?socket=/etc/passwd",
+        "qemu+ssh://h/system?socket=/run/../etc/x-sock",
+        "qemu+ssh://h/system?socket=/run/./x-sock",
+        "qemu+ssh://h/system?socket=relative-sock",
+        "qemu+ssh://h/system?socket=/run/$(touch)-sock",
+        "qemu+ssh://h/system?socket=/run/x|touch-sock",
+        "qemu+tls://h/system?pkipath=/etc",
+        "qemu+tls://h/system?socket=/run/x-sock",
+        "qemu+tls://user@h/system",
+        "qemu:///system?no_tty=1",
+        "qemu+ext:///system?command=/bin/sh",
+        "qemu+tcp://h/system",
+        "qemu+unix:///system",
+        "QEMU:///system",
+        "http://h/system",
+        "qemu://h/system",
+        "qemu+ssh:///system",
+        "qemu:///embed",
+        "qemu:///system/../x",
+        "qemu:///system#x",
+        "qemu+ssh://127.1/system",
+        "qemu+ssh://0x7f.1/system",
+        "qemu+ssh://2130706433/system",
+        "qemu+ssh://256.1.1.1/system",
+        "qemu+ssh://01.2.3.4/system",
+        "qemu+ssh://[1:2:3:4:5:6:7:8:9]/system",
+        "qemu+ssh://[fe80::1%25eth0]/system",
+        "qemu+ssh://h:0/system",
+        "qemu+ssh://h:99999/system",
+        "qemu+ssh://h:022/system",
+        "qemu+ssh://h.example.com./system",
+        "qemu+ssh://h..example.com/system",
+        "qemu+ssh://h",
+        "qemu+ssh://h/system\n",
+        "test:///etc/passwd",
+        "test:///var/run/secrets/kubernetes.io/serviceaccount/token",
+        "test:///default/../../etc/passwd",
+        "test://host/default",
+        "test:///default?x=1",
+        "test://",
+    ];
+    for uri in refused_by_both {
+        assert!(HostUri::parse(uri, dev).is_err(), "parser accepts {uri}");
+        assert!(!schema.is_valid(&Value::from(uri)), "pattern accepts {uri}");
+    }
+    // Where only the parser (and the webhook) can tell.
+    for uri in [
+        "qemu+ssh://h/system?no_tty=1&no_tty=0",
+        "qemu+ssh://127.0.0.1/system",
+        "qemu+ssh://[::1]/system",
+        "qemu+ssh://[::ffff:169.254.169.254]/system",
+        "qemu+ssh://localhost/system",
+        "qemu+tls://169.254.169.254/system",
+    ] {
+        assert!(HostUri::parse(uri, dev).is_err(), "parser accepts {uri}");
+        assert!(
+            schema.is_valid(&Value::from(uri)),
+            "{uri}: the pattern is stricter than documented"
+        );
+    }
+}
+
+#[test]
+fn endpoint_host_pattern_takes_dns_names_and_ip_addresses_only() {
+    let schema = pattern(api::cluster::ENDPOINT_HOST_PATTERN);
+    for ok in [
+        "10.0.0.10",
+        "api.example.com",
+        "k8s-api",
+        "2001:db8::10",
+        "::1",
+        "fe80::1",
+    ] {
+        assert!(schema.is_valid(&Value::from(ok)), "{ok}");
+    }
+    for bad in [
+        "api|cluster",
+        "API.example.com",
+        "[2001:db8::10]",
+        "a..b",
+        "-a",
+        "a_b",
+        "host:6443",
+        "exa\u{0}mple.com",
+        "exa mple.com",
+        "https://api.example.com",
+    ] {
+        assert!(!schema.is_valid(&Value::from(bad)), "{bad}");
+    }
+}
+
 // ---------------------------------------------------------------- CEL, client-side
 
 /// Runs the CRD's CEL rules on `doc` (and `old` for transition rules) with kube's evaluator.
@@ -409,6 +561,116 @@ fn cel_transition_rules_guard_updates() {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------- schema and webhooks agree
+
+/// Runs one admission request through the provider's own handlers, with the policy the tests'
+/// manager runs with (`--allow-test-driver`).
+fn admit(
+    endpoint: capl::webhook::admission::Endpoint,
+    doc: &Value,
+) -> kube::core::admission::AdmissionResponse {
+    use capl::webhook::admission::{AdmissionPolicy, Kind};
+    use kube::core::DynamicObject;
+    use kube::core::admission::{AdmissionRequest, AdmissionReview};
+    let kind_name = doc["kind"].as_str().expect("kind");
+    let kind = *Kind::ALL
+        .iter()
+        .find(|k| k.name() == kind_name)
+        .expect("one of our kinds");
+    let review: AdmissionReview<DynamicObject> = serde_json::from_value(serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "00000000-0000-4000-8000-000000000010",
+            "kind": {"group": api::GROUP, "version": api::VERSION, "kind": kind_name},
+            "resource": {"group": api::GROUP, "version": api::VERSION, "resource": kind.plural()},
+            "name": doc["metadata"]["name"],
+            "namespace": "default",
+            "operation": "CREATE",
+            "userInfo": {"username": "tester"},
+            "object": doc,
+        }
+    }))
+    .expect("review");
+    let request: AdmissionRequest<DynamicObject> = review.try_into().expect("request");
+    let policy = AdmissionPolicy {
+        uri: capl::libvirt::uri::UriPolicy {
+            allow_test_driver: true,
+        },
+    };
+    capl::webhook::admission::review(kind, endpoint, &request, &policy)
+}
+
+/// Every valid fixture passes the schema (JSON schema and CEL) and both webhooks: defaulting, then
+/// validation of the defaulted object.
+#[test]
+fn valid_fixtures_pass_the_schema_and_the_webhooks() {
+    use capl::webhook::admission::Endpoint;
+    let mut checked = 0;
+    for fixture in fixtures("valid") {
+        for doc in &fixture.docs {
+            let errors = json_schema_errors(doc);
+            assert!(errors.is_empty(), "{}: schema: {errors:?}", fixture.name);
+            cel_errors(doc, None).unwrap_or_else(|e| panic!("{}: CEL: {e}", fixture.name));
+            let mutated = admit(Endpoint::Mutate, doc);
+            assert!(
+                mutated.allowed,
+                "{}: defaulting: {:?}",
+                fixture.name, mutated.result
+            );
+            let mut defaulted = doc.clone();
+            if let Some(patch) = &mutated.patch {
+                let patch: json_patch::Patch = serde_json::from_slice(patch).expect("JSON patch");
+                json_patch::patch(&mut defaulted, &patch).expect("the patch applies");
+            }
+            assert!(
+                json_schema_errors(&defaulted).is_empty(),
+                "{}: the defaulted object breaks the schema",
+                fixture.name
+            );
+            let validated = admit(Endpoint::Validate, &defaulted);
+            assert!(
+                validated.allowed,
+                "{}: denied by the webhook: {}",
+                fixture.name, validated.result.message
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} valid fixtures");
+}
+
+/// Invalid fixtures with a `# webhook: <message>` header are denied by the webhook as well, with
+/// that message: the schema is not the only line of defence.
+#[test]
+fn invalid_fixtures_marked_for_the_webhook_are_denied_by_it_too() {
+    use capl::webhook::admission::Endpoint;
+    let mut checked = 0;
+    for fixture in fixtures("invalid") {
+        let text = std::fs::read_to_string(&fixture.path).expect("fixture");
+        let Some(message) = text.lines().find_map(|l| l.strip_prefix("# webhook: ")) else {
+            continue;
+        };
+        let response = admit(Endpoint::Validate, &fixture.docs[0]);
+        assert!(
+            !response.allowed,
+            "{}: the webhook allowed it",
+            fixture.name
+        );
+        assert!(
+            response.result.message.contains(message),
+            "{}: {:?} lacks {message:?}",
+            fixture.name,
+            response.result.message
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 20,
+        "only {checked} fixtures marked for the webhook"
+    );
 }
 
 // ---------------------------------------------------------------- on the real apiserver

@@ -10,7 +10,8 @@ use std::time::Duration;
 use axum::body::to_bytes;
 use axum::http::StatusCode;
 use capl::api::LibvirtMachine;
-use capl::webhook::admission::{Endpoint, Kind};
+use capl::libvirt::uri::UriPolicy;
+use capl::webhook::admission::{AdmissionPolicy, Endpoint, Kind};
 use capl::webhook::configs::{self, Target};
 use capl::webhook::server::handle;
 use kube::api::{Api, PostParams};
@@ -63,9 +64,33 @@ fn review(operation: &str, object: &Value, old: Option<&Value>, dry_run: bool) -
     .expect("review JSON")
 }
 
-/// Calls the handler directly; returns (status, parsed response or raw body).
+/// The policy of the tests' manager (`--allow-test-driver`).
+const DEV: AdmissionPolicy = AdmissionPolicy {
+    uri: UriPolicy {
+        allow_test_driver: true,
+    },
+};
+/// The production policy (no flags).
+const PROD: AdmissionPolicy = AdmissionPolicy {
+    uri: UriPolicy {
+        allow_test_driver: false,
+    },
+};
+
+/// Calls the handler directly under the tests' policy; returns (status, parsed response or raw
+/// body).
 async fn call(kind: Kind, endpoint: Endpoint, body: &[u8]) -> (StatusCode, Value) {
-    let response = handle(kind, endpoint, body);
+    call_with(&DEV, kind, endpoint, body).await
+}
+
+/// Calls the handler directly under `policy`.
+async fn call_with(
+    policy: &AdmissionPolicy,
+    kind: Kind,
+    endpoint: Endpoint,
+    body: &[u8],
+) -> (StatusCode, Value) {
+    let response = handle(kind, endpoint, body, policy);
     let status = response.status();
     let bytes = to_bytes(response.into_body(), usize::MAX)
         .await
@@ -242,7 +267,9 @@ fn webhook_fixtures() -> Vec<Fixture> {
 fn kind_of(doc: &Value) -> Kind {
     match doc["kind"].as_str() {
         Some("LibvirtCluster") => Kind::LibvirtCluster,
+        Some("LibvirtClusterTemplate") => Kind::LibvirtClusterTemplate,
         Some("LibvirtMachine") => Kind::LibvirtMachine,
+        Some("LibvirtMachineTemplate") => Kind::LibvirtMachineTemplate,
         other => panic!("fixture kind {other:?}"),
     }
 }
@@ -324,6 +351,330 @@ async fn machine_updates_name_every_immutable_field() {
     assert!(
         !message.contains("providerID"),
         "setting providerID once is allowed: {message}"
+    );
+}
+
+fn cluster(spec: Value) -> Value {
+    json!({
+        "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha1",
+        "kind": "LibvirtCluster",
+        "metadata": {"name": "c", "namespace": "default"},
+        "spec": spec,
+    })
+}
+
+fn message_of(response: &Value) -> String {
+    response["response"]["status"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_test_driver_is_allowed_only_with_the_flag() {
+    let object = cluster(json!({"hosts": [{"name": "a", "uri": "test:///default"}]}));
+    let body = review("CREATE", &object, None, false);
+    let (_, denied) = call_with(&PROD, Kind::LibvirtCluster, Endpoint::Validate, &body).await;
+    assert_eq!(denied["response"]["allowed"], false);
+    let message = message_of(&denied);
+    assert!(
+        message.starts_with("spec.hosts[0].uri: ") && message.contains("--allow-test-driver"),
+        "{message}"
+    );
+    let (_, allowed) = call_with(&DEV, Kind::LibvirtCluster, Endpoint::Validate, &body).await;
+    assert_eq!(allowed["response"]["allowed"], true, "{allowed}");
+    let warnings = allowed["response"]["warnings"].to_string();
+    assert!(
+        warnings
+            .contains("spec.hosts[0].uri: the test driver keeps virtual machines in memory only"),
+        "{warnings}"
+    );
+    // Templates are held to the same policy.
+    let template = json!({
+        "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha1",
+        "kind": "LibvirtClusterTemplate",
+        "metadata": {"name": "t", "namespace": "default"},
+        "spec": {"template": {"spec": {"hosts": [{"name": "a", "uri": "test:///default"}]}}},
+    });
+    let body = review("CREATE", &template, None, false);
+    let (_, denied) = call_with(
+        &PROD,
+        Kind::LibvirtClusterTemplate,
+        Endpoint::Validate,
+        &body,
+    )
+    .await;
+    assert!(
+        message_of(&denied).starts_with("spec.template.spec.hosts[0].uri: ")
+            && message_of(&denied).contains("--allow-test-driver"),
+        "{denied}"
+    );
+    // Any other test:// URI is refused whatever the flag says: the driver quotes the file.
+    for uri in [
+        "test:///etc/passwd",
+        "test:///var/run/secrets/kubernetes.io/serviceaccount/token",
+    ] {
+        let object = cluster(json!({"hosts": [{"name": "a", "uri": uri}]}));
+        let body = review("CREATE", &object, None, false);
+        let (_, denied) = call_with(&DEV, Kind::LibvirtCluster, Endpoint::Validate, &body).await;
+        assert!(
+            message_of(&denied).contains("only accepted as test:///default"),
+            "{uri}: {denied}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn echoed_values_are_bounded_and_escaped() {
+    let huge = format!("\u{1b}[31m{}", "x".repeat(16 * 1024));
+    let whole_run = "x".repeat(65);
+    let mut spec = minimal_spec();
+    spec["rootVolume"]["pool"] = json!(huge);
+    spec["networkInterfaces"] = json!([{"name": huge, "bridge": huge, "macAddress": huge}]);
+    spec["dataVolumes"] = json!([{"name": huge, "sizeGiB": 1}]);
+    spec["sshAuthorizedKeys"] = json!([format!("ssh-ed25519 {}", "A".repeat(16 * 1024)), huge]);
+    spec["providerID"] = json!(huge);
+    let template = json!({
+        "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha1",
+        "kind": "LibvirtMachineTemplate",
+        "metadata": {"name": "t", "namespace": "default"},
+        "spec": {"template": {
+            "metadata": {"labels": {huge.clone(): huge.clone()}, "annotations": {huge.clone(): ""}},
+            "spec": spec.clone(),
+        }},
+    });
+    let mut bad_enum = minimal_spec();
+    bad_enum["cpuMode"] = json!(huge);
+    let cases = [
+        (Kind::LibvirtMachine, machine(spec)),
+        (Kind::LibvirtMachineTemplate, template),
+        (Kind::LibvirtMachine, machine(bad_enum)),
+        (
+            Kind::LibvirtCluster,
+            cluster(json!({
+                "controlPlaneEndpoint": {"host": huge},
+                "hosts": [
+                    {"name": huge, "uri": format!("qemu+ssh://{}/system", "x".repeat(1000)), "credentialsSecretRef": {"name": huge}},
+                    {"name": "c", "uri": format!("qemu:///system?socket=/{}-sock", "x".repeat(1000))},
+                    {"name": "b", "uri": huge},
+                ],
+            })),
+        ),
+    ];
+    for (kind, object) in cases {
+        let (_, response) = call(
+            kind,
+            Endpoint::Validate,
+            &review("CREATE", &object, None, false),
+        )
+        .await;
+        assert_eq!(response["response"]["allowed"], false);
+        let message = message_of(&response);
+        assert!(
+            message.len() < 8 * 1024,
+            "{kind:?}: a {} byte message",
+            message.len()
+        );
+        assert!(
+            !message.contains(&whole_run),
+            "{kind:?}: a value came back whole: {message}"
+        );
+        assert!(
+            !message.contains('\u{1b}'),
+            "{kind:?}: a raw control character: {message}"
+        );
+        let warnings = response["response"]["warnings"].to_string();
+        assert!(
+            warnings.len() < 8 * 1024 && !warnings.contains(&whole_run),
+            "{warnings}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn hosts_in_use_can_neither_be_removed_nor_repointed() {
+    let hosts = json!([
+        {"name": "a", "uri": "qemu+ssh://a.example.com/system"},
+        {"name": "b", "uri": "qemu:///system"},
+    ]);
+    let mut old = cluster(json!({"hosts": hosts}));
+    old["status"] =
+        json!({"hostsInUse": [{"name": "a", "uri": "qemu+ssh://a.example.com/system"}]});
+    let validate = |new: Value, old: Value| async move {
+        let (_, response) = call(
+            Kind::LibvirtCluster,
+            Endpoint::Validate,
+            &review("UPDATE", &new, Some(&old), false),
+        )
+        .await;
+        response
+    };
+    // Removing the host its machines run on: denied.
+    let removed = cluster(json!({"hosts": [hosts[1]]}));
+    let response = validate(removed.clone(), old.clone()).await;
+    assert_eq!(response["response"]["allowed"], false);
+    assert!(
+        message_of(&response).contains(
+            "spec.hosts: host \"a\" has machines on it (status.hostsInUse) and cannot be removed"
+        ),
+        "{response}"
+    );
+    // Without machines on it, removal is only a warning (the old behaviour).
+    let mut unused = old.clone();
+    unused["status"] = json!({});
+    let response = validate(removed.clone(), unused).await;
+    assert_eq!(response["response"]["allowed"], true, "{response}");
+    // Re-adding its name under another URI (step two of the bypass, e.g. after the host was
+    // dropped while the webhook was down): denied by the recorded URI.
+    let mut dropped = removed.clone();
+    dropped["status"] = old["status"].clone();
+    let readded = cluster(json!({"hosts": [
+        {"name": "a", "uri": "qemu+ssh://evil.example.com/system"},
+        hosts[1],
+    ]}));
+    let response = validate(readded, dropped.clone()).await;
+    assert_eq!(response["response"]["allowed"], false);
+    assert!(
+        message_of(&response).contains("spec.hosts[0].uri: host \"a\" has machines on it (status.hostsInUse) at \"qemu+ssh://a.example.com/system\""),
+        "{response}"
+    );
+    // Re-added with the recorded URI: fine.
+    let response = validate(cluster(json!({"hosts": hosts})), dropped).await;
+    assert_eq!(response["response"]["allowed"], true, "{response}");
+}
+
+#[tokio::test]
+async fn update_defaulting_leaves_unchanged_fields_as_stored() {
+    // Stored before the defaults existed (or while the webhook was not installed).
+    let stored_spec = json!({
+        "vcpus": 2, "memoryMiB": 4096,
+        "image": {"url": "https://images.example.com/debian.qcow2", "checksum": {"type": "sha256", "value": "a".repeat(64)}},
+        "rootVolume": {"sizeGiB": 20},
+        "networkInterfaces": [{"name": "eth0", "network": "default"}],
+    });
+    let old = machine(stored_spec.clone());
+    let mut with_finalizer = old.clone();
+    with_finalizer["metadata"]["finalizers"] = json!(["test.capl/hold"]);
+    let mut with_provider_id = old.clone();
+    with_provider_id["spec"]["providerID"] =
+        json!("libvirt://a/0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c");
+    for new in [with_finalizer, with_provider_id] {
+        let (_, response) = call(
+            Kind::LibvirtMachine,
+            Endpoint::Mutate,
+            &review("UPDATE", &new, Some(&old), false),
+        )
+        .await;
+        assert_eq!(response["response"]["allowed"], true);
+        assert!(
+            response["response"]["patch"].is_null(),
+            "an update that leaves the spec's fields alone gets no defaults: {}",
+            apply_patch(&new, &response)["spec"]
+        );
+    }
+    // A field that changes is defaulted; the unchanged ones stay as stored.
+    let old = cluster(json!({
+        "controlPlaneEndpoint": {"host": "10.0.0.10"},
+        "hosts": [{"name": "a", "uri": "qemu:///system"}],
+    }));
+    let new = cluster(json!({
+        "controlPlaneEndpoint": {"host": "10.0.0.10"},
+        "hosts": [{"name": "a", "uri": "qemu:///system"}, {"name": "b", "uri": "qemu+tls://b.example.com/system"}],
+    }));
+    let (_, response) = call(
+        Kind::LibvirtCluster,
+        Endpoint::Mutate,
+        &review("UPDATE", &new, Some(&old), false),
+    )
+    .await;
+    let defaulted = apply_patch(&new, &response);
+    assert_eq!(defaulted["spec"]["hosts"][1]["domainType"], "kvm");
+    assert_eq!(
+        defaulted["spec"]["controlPlaneEndpoint"],
+        json!({"host": "10.0.0.10"})
+    );
+    assert!(defaulted["spec"].get("network").is_none(), "{defaulted}");
+    // On create, everything is defaulted as before.
+    let (_, response) = call(
+        Kind::LibvirtCluster,
+        Endpoint::Mutate,
+        &review("CREATE", &new, None, false),
+    )
+    .await;
+    assert_eq!(apply_patch(&new, &response)["spec"]["network"], "default");
+}
+
+#[tokio::test]
+async fn validation_ratchets_on_fields_left_unchanged() {
+    // Stored before the rules tightened: an image URL at the metadata address in a numeric
+    // spelling and a key blob that does not decode.
+    let mut spec = minimal_spec();
+    spec["image"]["url"] = json!("http://2852039166/latest/meta-data/x.qcow2");
+    spec["sshAuthorizedKeys"] =
+        json!(["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9 x"]);
+    let old = machine(spec.clone());
+    let (_, created) = call(
+        Kind::LibvirtMachine,
+        Endpoint::Validate,
+        &review("CREATE", &old, None, false),
+    )
+    .await;
+    assert_eq!(
+        created["response"]["allowed"], false,
+        "a new object is held to every rule"
+    );
+    let mut new = old.clone();
+    new["metadata"]["finalizers"] = json!([]);
+    new["spec"]["providerID"] = json!("libvirt://a/0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c");
+    let (_, response) = call(
+        Kind::LibvirtMachine,
+        Endpoint::Validate,
+        &review("UPDATE", &new, Some(&old), false),
+    )
+    .await;
+    assert_eq!(response["response"]["allowed"], true, "{response}");
+    let warnings = response["response"]["warnings"].to_string();
+    assert!(
+        warnings.contains("spec.image.url: must not point at") && warnings.contains("not enforced"),
+        "{warnings}"
+    );
+    // A changed field is checked: a bad providerID is denied even on an old object.
+    new["spec"]["providerID"] = json!("libvirt://a/\u{1b}[2J");
+    let (_, response) = call(
+        Kind::LibvirtMachine,
+        Endpoint::Validate,
+        &review("UPDATE", &new, Some(&old), false),
+    )
+    .await;
+    assert_eq!(response["response"]["allowed"], false);
+    assert!(
+        message_of(&response).starts_with("spec.providerID: must be 1-512 printable ASCII"),
+        "{response}"
+    );
+}
+
+#[tokio::test]
+async fn an_interface_naming_neither_network_nor_bridge_takes_the_cluster_network() {
+    let mut spec = minimal_spec();
+    spec["networkInterfaces"] = json!([{"name": "eth0"}]);
+    let (_, response) = call(
+        Kind::LibvirtMachine,
+        Endpoint::Validate,
+        &review("CREATE", &machine(spec.clone()), None, false),
+    )
+    .await;
+    assert_eq!(response["response"]["allowed"], true, "{response}");
+    spec["networkInterfaces"] = json!([{"name": "eth0", "network": "default", "bridge": "br0"}]);
+    let (_, response) = call(
+        Kind::LibvirtMachine,
+        Endpoint::Validate,
+        &review("CREATE", &machine(spec), None, false),
+    )
+    .await;
+    assert!(
+        message_of(&response)
+            .contains("spec.networkInterfaces[0]: at most one of network or bridge"),
+        "{response}"
     );
 }
 
@@ -440,6 +791,14 @@ fn manager() -> &'static Manager {
             ],
         );
         bed.install_provider_crds();
+        // Objects stored while no webhook was installed: without defaults, and breaking rules
+        // only the webhook knows (what an upgrade finds in etcd).
+        let out = bed.kubectl_stdin(&["apply", "-f", "-"], &legacy_objects());
+        assert!(
+            out.status.success(),
+            "legacy objects: {}",
+            text(&out.stderr)
+        );
         let target = Target::Url(format!("https://127.0.0.1:{webhook_port}"));
         let manifests =
             configs::render(&target, Some(plane.ca.cert_pem.as_bytes())).expect("render");
@@ -451,6 +810,44 @@ fn manager() -> &'static Manager {
             _proc: proc,
         }
     })
+}
+
+/// Namespace of the objects stored before the webhooks were installed.
+const LEGACY_NAMESPACE: &str = "legacy";
+
+/// The objects [`manager`] stores before installing the webhook configurations.
+fn legacy_objects() -> String {
+    let mut machine_spec = minimal_spec();
+    machine_spec["image"]["url"] = json!("http://2852039166/latest/meta-data/x.qcow2");
+    machine_spec["sshAuthorizedKeys"] =
+        json!(["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9 x"]);
+    let docs = [
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": LEGACY_NAMESPACE}}),
+        json!({
+            "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha1", "kind": "LibvirtMachine",
+            "metadata": {"name": "legacy", "namespace": LEGACY_NAMESPACE},
+            "spec": machine_spec,
+        }),
+        json!({
+            "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha1", "kind": "LibvirtCluster",
+            "metadata": {"name": "legacy", "namespace": LEGACY_NAMESPACE},
+            "spec": {
+                "controlPlaneEndpoint": {"host": "10.0.0.10"},
+                "hosts": [{"name": "a", "uri": "qemu+ssh://a.example.com/system?no_tty=1&no_tty=1"}],
+            },
+        }),
+        json!({
+            "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha1", "kind": "LibvirtMachineTemplate",
+            "metadata": {"name": "legacy", "namespace": LEGACY_NAMESPACE},
+            "spec": {"template": {
+                "metadata": {"labels": {"pool name": "workers"}},
+                "spec": minimal_spec(),
+            }},
+        }),
+    ];
+    docs.iter()
+        .map(|d| format!("---\n{}\n", serde_json::to_string(d).expect("json")))
+        .collect()
 }
 
 fn apply(doc: &Value, dry_run: bool) -> std::process::Output {
@@ -585,6 +982,151 @@ fn template_updates_pass_only_as_topology_dry_runs() {
     );
 }
 
+#[test]
+fn stored_objects_without_defaults_take_finalizers_and_a_provider_id() {
+    manager();
+    let bed = support::shared();
+    let kubectl = |args: &[&str]| {
+        let mut all = vec!["-n", LEGACY_NAMESPACE];
+        all.extend_from_slice(args);
+        let out = bed.kubectl(&all);
+        assert!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            text(&out.stderr)
+        );
+        text(&out.stderr)
+    };
+    for kind in ["libvirtmachine", "libvirtcluster", "libvirtmachinetemplate"] {
+        let stored = bed.kubectl(&["get", kind, "legacy", "-n", LEGACY_NAMESPACE, "-o", "json"]);
+        let stored: Value = serde_json::from_slice(&stored.stdout).expect("object");
+        kubectl(&[
+            "patch",
+            kind,
+            "legacy",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":["test.capl.io/hold"]}}"#,
+        ]);
+        if kind == "libvirtmachine" {
+            let warnings = kubectl(&[
+                "patch",
+                kind,
+                "legacy",
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"providerID":"libvirt://a/0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c"}}"#,
+            ]);
+            assert!(warnings.contains("not enforced"), "{warnings}");
+        }
+        kubectl(&[
+            "patch",
+            kind,
+            "legacy",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+        ]);
+        let after = bed.kubectl(&["get", kind, "legacy", "-n", LEGACY_NAMESPACE, "-o", "json"]);
+        let mut after: Value = serde_json::from_slice(&after.stdout).expect("object");
+        if kind == "libvirtmachine" {
+            assert_eq!(
+                after["spec"]["providerID"],
+                "libvirt://a/0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c"
+            );
+            after["spec"]
+                .as_object_mut()
+                .expect("spec")
+                .remove("providerID");
+        }
+        assert_eq!(
+            after["spec"], stored["spec"],
+            "{kind}: the stored spec was changed"
+        );
+        assert!(after["metadata"].get("finalizers").is_none(), "{kind}");
+    }
+}
+
+#[test]
+fn hosts_in_use_hold_through_the_apiserver() {
+    manager();
+    let bed = support::shared();
+    let host_a = json!({"name": "a", "uri": "qemu+ssh://a.example.com/system"});
+    let host_b = json!({"name": "b", "uri": "qemu:///system"});
+    let mut doc =
+        cluster(json!({"controlPlaneEndpoint": {"host": "10.0.0.10"}, "hosts": [host_a, host_b]}));
+    doc["metadata"]["name"] = json!("in-use");
+    let out = apply(&doc, false);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The machine controller records the host before it creates a VM there.
+    let out = bed.kubectl(&[
+        "patch",
+        "libvirtcluster",
+        "in-use",
+        "-n",
+        "default",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"hostsInUse":[{"name":"a","uri":"qemu+ssh://a.example.com/system"}]}}"#,
+    ]);
+    assert!(out.status.success(), "status: {}", text(&out.stderr));
+
+    // Step one of the two-step change: remove the host. Denied.
+    let mut removed = doc.clone();
+    removed["spec"]["hosts"] = json!([host_b]);
+    let out = apply(&removed, false);
+    assert!(!out.status.success(), "a host in use was removed");
+    assert!(
+        text(&out.stderr)
+            .contains("host \"a\" has machines on it (status.hostsInUse) and cannot be removed"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A direct change of its URI: denied.
+    let mut repointed = doc.clone();
+    repointed["spec"]["hosts"][0]["uri"] = json!("qemu+ssh://evil.example.com/system");
+    let out = apply(&repointed, false);
+    assert!(!out.status.success(), "a host in use was re-pointed");
+    assert!(
+        text(&out.stderr).contains("spec.hosts[0].uri"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A host without machines can still go.
+    let mut spare = doc.clone();
+    spare["spec"]["hosts"] = json!([host_a]);
+    let out = apply(&spare, false);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Step two, had step one happened anyway (say, while the webhook was down): re-adding the
+    // name under another URI is denied by the recorded one.
+    let out = bed.kubectl(&[
+        "patch", "libvirtcluster", "in-use", "-n", "default", "--subresource=status",
+        "--type=merge", "-p",
+        r#"{"status":{"hostsInUse":[{"name":"a","uri":"qemu+ssh://a.example.com/system"},{"name":"b","uri":"qemu:///system"}]}}"#,
+    ]);
+    assert!(out.status.success(), "status: {}", text(&out.stderr));
+    let mut readded = spare.clone();
+    readded["spec"]["hosts"] =
+        json!([host_a, {"name": "b", "uri": "qemu+tls://b.example.com/system"}]);
+    let out = apply(&readded, false);
+    assert!(
+        !out.status.success(),
+        "a host in use came back under another URI"
+    );
+    assert!(
+        text(&out.stderr)
+            .contains("host \"b\" has machines on it (status.hostsInUse) at \"qemu:///system\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let mut restored = spare.clone();
+    restored["spec"]["hosts"] = json!([host_a, host_b]);
+    let out = apply(&restored, false);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 /// The certificate the webhook serves right now (DER), fetched over TLS.
 async fn served_certificate(port: u16, ca_pem: &str) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
@@ -670,7 +1212,7 @@ async fn the_router_limits_bodies_and_rejects_other_methods_and_paths() {
     let path = Kind::LibvirtMachine.path(Endpoint::Validate);
 
     let huge = vec![b' '; capl::webhook::server::MAX_BODY_BYTES + 1];
-    let response = capl::webhook::server::router()
+    let response = capl::webhook::server::router(DEV)
         .oneshot(
             Request::post(&path)
                 .body(Body::from(huge))
@@ -680,13 +1222,13 @@ async fn the_router_limits_bodies_and_rejects_other_methods_and_paths() {
         .expect("response");
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
 
-    let response = capl::webhook::server::router()
+    let response = capl::webhook::server::router(DEV)
         .oneshot(Request::get(&path).body(Body::empty()).expect("request"))
         .await
         .expect("response");
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
 
-    let response = capl::webhook::server::router()
+    let response = capl::webhook::server::router(DEV)
         .oneshot(
             Request::post("/validate-something-else")
                 .body(Body::empty())
@@ -697,7 +1239,7 @@ async fn the_router_limits_bodies_and_rejects_other_methods_and_paths() {
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
 
     let body = review("CREATE", &machine(minimal_spec()), None, false);
-    let response = capl::webhook::server::router()
+    let response = capl::webhook::server::router(DEV)
         .oneshot(
             Request::post(&path)
                 .body(Body::from(body))

@@ -10,8 +10,116 @@ use super::common::{
     DNS_LABEL_PATTERN, Initialization, LIBVIRT_NAME_PATTERN, SecretReference, TemplateMeta,
 };
 
-/// Allowed libvirt connection URIs: local QEMU, QEMU over SSH or TLS, and the test driver.
-pub const HOST_URI_PATTERN: &str = r"^(qemu|qemu\+ssh|qemu\+tls|test)://[^\x00-\x20\x7F]*$";
+/// An IPv4 address in dotted decimal, no leading zeros.
+macro_rules! ipv4_pattern {
+    () => {
+        "((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+    };
+}
+
+/// An IPv6 address (RFC 4291 text forms, at most one `::`; an embedded IPv4 tail is matched
+/// loosely).
+macro_rules! ipv6_pattern {
+    () => {
+        concat!(
+            "(([0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}",
+            "|([0-9A-Fa-f]{1,4}:){1,7}:",
+            "|([0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4}",
+            "|([0-9A-Fa-f]{1,4}:){1,5}(:[0-9A-Fa-f]{1,4}){1,2}",
+            "|([0-9A-Fa-f]{1,4}:){1,4}(:[0-9A-Fa-f]{1,4}){1,3}",
+            "|([0-9A-Fa-f]{1,4}:){1,3}(:[0-9A-Fa-f]{1,4}){1,4}",
+            "|([0-9A-Fa-f]{1,4}:){1,2}(:[0-9A-Fa-f]{1,4}){1,5}",
+            "|[0-9A-Fa-f]{1,4}:(:[0-9A-Fa-f]{1,4}){1,6}",
+            "|:((:[0-9A-Fa-f]{1,4}){1,7}|:)",
+            "|([0-9A-Fa-f]{1,4}:){6}",
+            ipv4_pattern!(),
+            "|::([0-9A-Fa-f]{1,4}:){0,5}",
+            ipv4_pattern!(),
+            "|([0-9A-Fa-f]{1,4}:){1,5}:([0-9A-Fa-f]{1,4}:){0,4}",
+            ipv4_pattern!(),
+            ")"
+        )
+    };
+}
+
+/// A URI host: a DNS name whose last label starts with a letter, an IPv4 address, or a
+/// bracketed IPv6 address.
+macro_rules! uri_host_pattern {
+    () => {
+        concat!(
+            "((([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)|",
+            ipv4_pattern!(),
+            "|\\[",
+            ipv6_pattern!(),
+            "\\])"
+        )
+    };
+}
+
+/// A TCP port, 1-65535, no leading zeros.
+macro_rules! port_pattern {
+    () => {
+        "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+    };
+}
+
+/// An absolute path to a libvirt socket: plain segments (never `.` or `..`), the file name ending
+/// in `-sock` or `-sock-ro`.
+macro_rules! socket_pattern {
+    () => {
+        "(/([A-Za-z0-9_-]|\\.[A-Za-z0-9_-]|\\.\\.[A-Za-z0-9._-])[A-Za-z0-9._-]*)*/[A-Za-z0-9._-]*-sock(-ro)?"
+    };
+}
+
+/// One `qemu+ssh://` query parameter with an allowed value.
+macro_rules! ssh_param_pattern {
+    () => {
+        concat!(
+            "(no_verify=[01]|no_tty=[01]|known_hosts_verify=(normal|auto|ignore)|socket=",
+            socket_pattern!(),
+            ")"
+        )
+    };
+}
+
+/// Allowed libvirt connection URIs: the same syntax `capl::libvirt::uri::HostUri::parse` accepts
+/// (read its module docs), as a regular expression the apiserver runs: `qemu:///system|session`
+/// with an optional `socket=`, `qemu+ssh://[user@]host[:port]/system|session` with `no_verify`,
+/// `no_tty`, `known_hosts_verify` and `socket`, `qemu+tls://host[:port]/system|session` with
+/// `no_verify`, and exactly `test:///default`. No `%`, `;`, other parameters or values. Where a
+/// regular expression cannot say it, the schema accepts more than the parser (a repeated
+/// parameter, a forbidden IP literal, the test driver without `--allow-test-driver`): the webhook
+/// and the backend refuse those.
+pub const HOST_URI_PATTERN: &str = concat!(
+    "^(test:///default",
+    "|qemu:///(system|session)(\\?socket=",
+    socket_pattern!(),
+    ")?",
+    "|qemu\\+ssh://([A-Za-z_][A-Za-z0-9_.-]{0,31}@)?",
+    uri_host_pattern!(),
+    "(:",
+    port_pattern!(),
+    ")?/(system|session)(\\?",
+    ssh_param_pattern!(),
+    "(&",
+    ssh_param_pattern!(),
+    ")*)?",
+    "|qemu\\+tls://",
+    uri_host_pattern!(),
+    "(:",
+    port_pattern!(),
+    ")?/(system|session)(\\?no_verify=[01])?",
+    ")$"
+);
+
+/// The control-plane endpoint's host: a DNS-1123 subdomain or a literal IPv4 or IPv6 address.
+pub const ENDPOINT_HOST_PATTERN: &str = concat!(
+    "^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*|",
+    ipv4_pattern!(),
+    "|",
+    ipv6_pattern!(),
+    ")$"
+);
 
 /// The libvirt hosts of a workload cluster and the defaults its machines use.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
@@ -85,8 +193,8 @@ pub struct LibvirtClusterSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiEndpoint {
-    /// DNS name or IP address (1–512 characters).
-    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\x00-\x20\x7F/]+$"))]
+    /// DNS name (a lowercase RFC 1123 subdomain) or IP address (1–512 characters).
+    #[schemars(length(min = 1, max = 512), regex(pattern = ENDPOINT_HOST_PATTERN))]
     pub host: String,
     /// TCP port (1–65535). Defaults to 6443.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,14 +205,20 @@ pub struct ApiEndpoint {
 /// One libvirt host: a failure domain of the cluster.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new(r"!self.uri.matches('^qemu\\+(ssh|tls)://([^@/]*@)?(([^/:]*\\.)?[lL][oO][cC][aA][lL][hH][oO][sS][tT]|127\\.[0-9.]*|0\\.[0-9.]*|169\\.254\\.[0-9.]*|\\[(::1?|[fF][eE][89aAbB][0-9a-fA-F]:[^\\]]*)\\])(:[0-9]+)?/')").message("uri must not name the local machine, a loopback or a link-local address").field_path(".uri")
+)]
 pub struct LibvirtHost {
     /// Name of the host, unique in the cluster; it is the failure domain's name (DNS label).
     #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
     pub name: String,
 
-    /// Libvirt connection URI: `qemu:///system`, `qemu+ssh://user@host/system`,
-    /// `qemu+tls://host/system`, or `test:///default` (the in-process test driver). At most
-    /// 1024 characters.
+    /// Libvirt connection URI: `qemu:///system` (optionally `?socket=/path/to/libvirt-sock`),
+    /// `qemu+ssh://user@host[:port]/system` (parameters `no_verify`, `no_tty`,
+    /// `known_hosts_verify`, `socket`), `qemu+tls://host[:port]/system` (parameter `no_verify`),
+    /// or `test:///default` (the in-process test driver; only when the manager runs with
+    /// `--allow-test-driver`). No percent-encoding, `;` or other parameters. At most 1024
+    /// characters.
     #[schemars(length(min = 1, max = 1024), regex(pattern = HOST_URI_PATTERN))]
     pub uri: String,
 
@@ -161,6 +275,27 @@ pub struct LibvirtClusterStatus {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     #[schemars(length(max = 32))]
     pub conditions: Option<Vec<Condition>>,
+
+    /// Hosts that have machines on them, with the URI the machines were created through.
+    /// Maintained by the machine controller, which records a host here before it creates a VM on
+    /// it. The validating webhook keeps every host listed here in `spec.hosts` with exactly this
+    /// URI: it can be neither removed nor re-added under another URI while machines run on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    #[schemars(length(max = 64))]
+    pub hosts_in_use: Option<Vec<HostInUse>>,
+}
+
+/// A host with machines on it, as the machine controller recorded it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostInUse {
+    /// Name of the host in `spec.hosts`.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// The host's URI when its first machine was created.
+    #[schemars(length(min = 1, max = 1024))]
+    pub uri: String,
 }
 
 /// A failure domain as the Cluster API contract describes it.

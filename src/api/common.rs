@@ -29,17 +29,27 @@ pub struct Initialization {
     pub provisioned: Option<bool>,
 }
 
-/// Labels and annotations applied to objects created from a template.
+/// A label value: empty, or up to 63 alphanumerics, `-`, `_`, `.`, starting and ending with an
+/// alphanumeric (apimachinery's rule).
+pub const LABEL_VALUE_PATTERN: &str = "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
+
+/// Labels and annotations applied to objects created from a template. The webhook validates them
+/// exactly as Kubernetes validates an object's labels and annotations.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateMeta {
-    /// Labels copied onto objects created from the template.
+    /// Labels copied onto objects created from the template (at most 64; Kubernetes label
+    /// syntax).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN}
+    ))]
     pub labels: Option<BTreeMap<String, String>>,
-    /// Annotations copied onto objects created from the template.
+    /// Annotations copied onto objects created from the template (at most 64; Kubernetes
+    /// annotation syntax, 256 KiB in all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(extend("maxProperties" = 64))]
     pub annotations: Option<BTreeMap<String, String>>,
 }
 

@@ -11,6 +11,11 @@ use super::common::{
     DNS_LABEL_PATTERN, Initialization, LIBVIRT_NAME_PATTERN, TemplateMeta, immutable, set_once,
 };
 
+/// One OpenSSH `authorized_keys` line: a known key type, base64 key data and an optional comment
+/// free of C0/C1 control characters and DEL. (The Unicode line and paragraph separators are
+/// refused by a CEL rule: regular expression syntaxes disagree on how to write them.)
+pub const SSH_KEY_PATTERN: &str = r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) [A-Za-z0-9+/]+={0,3}( [^\x00-\x1F\x7F-\x9F]*)?$";
+
 /// The desired virtual machine. Every field but `providerID` is fixed once the machine exists:
 /// Cluster API replaces machines rather than changing them.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
@@ -75,13 +80,14 @@ use super::common::{
 pub struct LibvirtMachineSpec {
     /// Unique identifier of the machine, equal to the `spec.providerID` of the Kubernetes Node it
     /// becomes (`libvirt://<host>/<domain UUID>`). Set by the provider once the VM exists; can be
-    /// set once and never changed.
+    /// set once and never changed. 1–512 printable ASCII characters (no whitespace or control
+    /// characters).
     #[serde(
         default,
         rename = "providerID",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schemars(length(min = 1, max = 512), regex(pattern = r"^\S+$"))]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[\x21-\x7E]+$"))]
     pub provider_id: Option<String>,
 
     /// Number of virtual CPUs (1–255; QEMU's i440fx and q35 machines both boot up to 255).
@@ -123,14 +129,16 @@ pub struct LibvirtMachineSpec {
     pub firmware: Option<Firmware>,
 
     /// SSH public keys (OpenSSH `authorized_keys` lines, one key each) added to the default user
-    /// through cloud-init.
+    /// through cloud-init. The key data must decode as a key of the declared type; no control
+    /// characters or Unicode line separators anywhere in the line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(r"self.all(k, !k.matches('[\u2028\u2029]'))").message("sshAuthorizedKeys must not contain Unicode line or paragraph separators (U+2028, U+2029)"))]
     #[schemars(
         length(max = 32),
         inner(
             length(min = 1, max = 16384),
             regex(
-                pattern = r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) [A-Za-z0-9+/]+={0,3}( [^\x00-\x1F\x7F]*)?$"
+                pattern = SSH_KEY_PATTERN
             )
         )
     )]
@@ -169,11 +177,16 @@ pub enum Firmware {
     validation = Rule::new("has(self.url) != has(self.volume)").message("exactly one of image.url or image.volume must be set"),
     validation = Rule::new("!has(self.url) || has(self.checksum)").message("image.checksum is required with image.url").field_path(".checksum"),
     validation = Rule::new("has(self.url) || (!has(self.checksum) && !has(self.format))").message("image.checksum and image.format apply only to image.url"),
-    validation = Rule::new("!has(self.url) || (isURL(self.url) && url(self.url).getScheme() in ['http', 'https'] && url(self.url).getHostname() != '')").message("image.url must be an absolute http or https URL with a host").field_path(".url")
+    validation = Rule::new("!has(self.url) || (isURL(self.url) && url(self.url).getScheme() in ['http', 'https'] && url(self.url).getHostname() != '')").message("image.url must be an absolute http or https URL with a host").field_path(".url"),
+    validation = Rule::new("!has(self.url) || !self.url.matches('%(0[0-9a-fA-F]|1[0-9a-fA-F]|7[fF])')").message("image.url must not contain percent-encoded control characters (%00-%1F, %7F)").field_path(".url"),
+    validation = Rule::new(r"!has(self.url) || !self.url.matches('^[hH][tT][tT][pP][sS]?://(([^/?#:]*\\.)?[lL][oO][cC][aA][lL][hH][oO][sS][tT]\\.?|127\\.[0-9.]*|0\\.[0-9.]*|169\\.254\\.[0-9.]*|\\[(::1?|[fF][eE][89aAbB][0-9a-fA-F]:[^\\]]*|::[fF][fF][fF][fF]:((127|0|169\\.254)\\.[0-9.]*|(7[fF][0-9a-fA-F]{2}|[aA]9[fF][eE]|[0-9a-fA-F]{1,2}):[0-9a-fA-F]{1,4}))\\])([:/?#]|$)')").message("image.url must not point at the local machine, a loopback or a link-local address").field_path(".url")
 )]
 pub struct ImageSource {
-    /// http(s) URL of a disk image (up to 2048 characters, no credentials, no whitespace). Each
-    /// host downloads it once per storage pool, verifies `checksum`, and reuses it.
+    /// http(s) URL of a disk image (up to 2048 characters, no credentials, no whitespace or
+    /// control characters, raw or percent-encoded). The manager downloads it from inside the
+    /// management cluster, so it must not point at the local machine, a loopback or a link-local
+    /// address (cloud metadata services) in any spelling. Each host downloads it once per storage
+    /// pool, verifies `checksum`, and reuses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 2048),
@@ -295,11 +308,12 @@ pub struct DataVolume {
     pub pool: Option<String>,
 }
 
-/// A virtual NIC attached to a libvirt network or a host bridge (exactly one of the two).
+/// A virtual NIC attached to a libvirt network or a host bridge (at most one of the two; with
+/// neither, the LibvirtCluster's network).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("has(self.network) != has(self.bridge)").message("exactly one of network or bridge must be set"),
+    validation = Rule::new("!(has(self.network) && has(self.bridge))").message("at most one of network or bridge may be set (neither means the LibvirtCluster's network)"),
     validation = Rule::new("!has(self.macAddress) || self.macAddress.matches('^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$')").message("macAddress must be six colon-separated pairs of hex digits").field_path(".macAddress"),
     validation = Rule::new("!has(self.macAddress) || self.macAddress.matches('^[0-9a-fA-F][02468aceACE]')").message("macAddress must be a unicast address (least significant bit of the first octet clear)").field_path(".macAddress"),
     validation = Rule::new("!has(self.macAddress) || self.macAddress != '00:00:00:00:00:00'").message("macAddress must not be all zeros").field_path(".macAddress")

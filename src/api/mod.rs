@@ -10,7 +10,7 @@ pub mod crd;
 pub mod machine;
 
 pub use cluster::{
-    ApiEndpoint, DomainType, FailureDomain, LibvirtCluster, LibvirtClusterSpec,
+    ApiEndpoint, DomainType, FailureDomain, HostInUse, LibvirtCluster, LibvirtClusterSpec,
     LibvirtClusterStatus, LibvirtClusterTemplate, LibvirtClusterTemplateResource,
     LibvirtClusterTemplateSpec, LibvirtHost,
 };

@@ -1,31 +1,19 @@
 //! Admission of `LibvirtCluster` and `LibvirtClusterTemplate`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-use url::Url;
-
-use super::admission::{Admit, Kind, RequestInfo, Verdict};
+use super::admission::{AdmissionPolicy, Admit, Kind, RequestInfo, Verdict, quote, shorten_quoted};
 use super::checks;
-use super::machine::template_immutable;
-use crate::api::{DomainType, LibvirtCluster, LibvirtClusterSpec, LibvirtClusterTemplate};
+use super::machine::{template_immutable, validate_template_meta};
+use crate::api::{
+    DomainType, LibvirtCluster, LibvirtClusterSpec, LibvirtClusterStatus, LibvirtClusterTemplate,
+};
+use crate::libvirt::uri::{HostUri, Transport};
 
 /// Port of the workload API server when the endpoint names none.
 pub const DEFAULT_API_SERVER_PORT: i32 = 6443;
 /// Libvirt network and storage pool every libvirt host has after installation.
 pub const DEFAULT_LIBVIRT_OBJECT: &str = "default";
-
-/// Libvirt URI transports we connect through, and the query parameters each may carry. Anything
-/// else (`command=`, `netcat=`, `keyfile=`, `proxy=`, …) could make the manager run programs or
-/// read files it was not meant to: credentials come from `credentialsSecretRef` instead.
-pub const URI_QUERY_ALLOWLIST: [(&str, &[&str]); 4] = [
-    ("qemu", &["socket"]),
-    (
-        "qemu+ssh",
-        &["no_verify", "no_tty", "known_hosts_verify", "socket"],
-    ),
-    ("qemu+tls", &["no_verify"]),
-    ("test", &[]),
-];
 
 /// Fills the cluster defaults: endpoint port, network, storage pool, per-host settings.
 pub fn default_spec(spec: &mut LibvirtClusterSpec) {
@@ -42,20 +30,18 @@ pub fn default_spec(spec: &mut LibvirtClusterSpec) {
     }
 }
 
-/// Every semantic rule of a cluster spec; `at` is the spec's path.
-pub fn validate_spec(spec: &LibvirtClusterSpec, at: &str, v: &mut Verdict) {
+/// Every semantic rule of a cluster spec; `at` is the spec's path. Host URIs are checked by the
+/// same parser the backend applies before it connects ([`HostUri::parse`]), under `policy`.
+pub fn validate_spec(
+    spec: &LibvirtClusterSpec,
+    at: &str,
+    policy: &AdmissionPolicy,
+    v: &mut Verdict,
+) {
     if let Some(endpoint) = &spec.control_plane_endpoint {
         let here = format!("{at}.controlPlaneEndpoint");
-        let host_ok = endpoint.host.parse::<std::net::IpAddr>().is_ok()
-            || matches!(url::Host::parse(&endpoint.host), Ok(url::Host::Domain(_)));
-        if !host_ok {
-            v.error(
-                format!("{here}.host"),
-                format!(
-                    "must be a DNS name or an IP address, got {:?}",
-                    endpoint.host
-                ),
-            );
+        if let Err(message) = checks::endpoint_host(&endpoint.host) {
+            v.error(format!("{here}.host"), message);
         }
         if let Some(port) = endpoint.port
             && !(1..=65535).contains(&port)
@@ -89,14 +75,21 @@ pub fn validate_spec(spec: &LibvirtClusterSpec, at: &str, v: &mut Verdict) {
         if !names.insert(host.name.as_str()) {
             v.error(
                 format!("{here}.name"),
-                format!("duplicate host name {:?}", host.name),
+                format!("duplicate host name {}", quote(&host.name)),
             );
         }
-        match libvirt_uri(&host.uri) {
-            Err(message) => v.error(format!("{here}.uri"), message),
+        match HostUri::parse(&host.uri, policy.uri) {
+            Err(error) => v.error(format!("{here}.uri"), shorten_quoted(&error.0)),
             Ok(uri) => {
-                for warning in uri_warnings(&uri, host.credentials_secret_ref.is_some()) {
+                for warning in uri.warnings() {
                     v.warn(format!("{here}.uri"), warning);
+                }
+                let remote = matches!(uri.transport(), Transport::QemuSsh | Transport::QemuTls);
+                if remote && host.credentials_secret_ref.is_none() {
+                    v.warn(
+                        format!("{here}.uri"),
+                        "no credentialsSecretRef: the manager connects with its own SSH/TLS identity",
+                    );
                 }
             }
         }
@@ -110,7 +103,7 @@ pub fn validate_spec(spec: &LibvirtClusterSpec, at: &str, v: &mut Verdict) {
         {
             v.error(
                 format!("{here}.credentialsSecretRef.name"),
-                format!("must be a Secret name, got {:?}", secret.name),
+                format!("must be a Secret name, got {}", quote(&secret.name)),
             );
         }
         if host.domain_type == Some(DomainType::Qemu) {
@@ -128,89 +121,15 @@ pub fn validate_spec(spec: &LibvirtClusterSpec, at: &str, v: &mut Verdict) {
     }
 }
 
-/// Parses a libvirt connection URI and holds it to the transports and parameters we support.
-pub fn libvirt_uri(value: &str) -> Result<Url, String> {
-    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err("must not contain whitespace or control characters".into());
-    }
-    let url = Url::parse(value).map_err(|e| format!("is not a libvirt URI ({e})"))?;
-    let scheme = url.scheme();
-    let Some((_, allowed)) = URI_QUERY_ALLOWLIST.iter().find(|(s, _)| *s == scheme) else {
-        return Err(format!(
-            "transport {scheme:?} is not supported; use qemu://, qemu+ssh://, qemu+tls:// or test://"
-        ));
-    };
-    if url.password().is_some() {
-        return Err("must not carry a password; put credentials in credentialsSecretRef".into());
-    }
-    if url.fragment().is_some() {
-        return Err("must not have a fragment".into());
-    }
-    let host = url.host_str().unwrap_or_default();
-    let path = url.path();
-    match scheme {
-        "qemu" if !host.is_empty() => {
-            return Err("qemu:/// is the local hypervisor; use qemu+ssh:// or qemu+tls:// to reach a remote host".into());
-        }
-        "qemu+ssh" | "qemu+tls" if host.is_empty() => {
-            return Err(format!("{scheme}:// needs a host name"));
-        }
-        "test" if !path.starts_with('/') || path.len() < 2 || path.contains("..") => {
-            return Err(
-                "test:// needs an absolute path: test:///default or test:///path/to/node.xml"
-                    .into(),
-            );
-        }
-        "test" => {}
-        _ if path != "/system" && path != "/session" => {
-            return Err(format!("path must be /system or /session, got {path:?}"));
-        }
-        _ => {}
-    }
-    let mut seen = BTreeMap::new();
-    for (key, val) in url.query_pairs() {
-        if !allowed.contains(&key.as_ref()) {
-            return Err(format!(
-                "query parameter {key:?} is not allowed for {scheme}:// (allowed: {})",
-                if allowed.is_empty() {
-                    "none".to_owned()
-                } else {
-                    allowed.join(", ")
-                }
-            ));
-        }
-        if val.chars().any(char::is_control) {
-            return Err(format!("query parameter {key:?} has control characters"));
-        }
-        if key == "socket" && (!val.starts_with('/') || val.split('/').any(|s| s == "..")) {
-            return Err("socket must be an absolute path without '..'".into());
-        }
-        if seen.insert(key.to_string(), ()).is_some() {
-            return Err(format!("query parameter {key:?} is repeated"));
-        }
-    }
-    Ok(url)
-}
-
-fn uri_warnings(uri: &Url, has_credentials: bool) -> Vec<&'static str> {
-    let mut warnings = Vec::new();
-    if uri.query_pairs().any(|(k, v)| k == "no_verify" && v != "0") {
-        warnings.push("no_verify disables host verification: the connection can be intercepted");
-    }
-    if uri.scheme() == "test" {
-        warnings
-            .push("the test driver keeps virtual machines in memory only; use it for development");
-    }
-    if matches!(uri.scheme(), "qemu+ssh" | "qemu+tls") && !has_credentials {
-        warnings
-            .push("no credentialsSecretRef: the manager connects with its own SSH/TLS identity");
-    }
-    warnings
-}
-
-/// An update may add hosts, but a host keeps its URI (machines on it would be orphaned), and the
-/// endpoint is set once.
-fn validate_spec_update(old: &LibvirtClusterSpec, new: &LibvirtClusterSpec, v: &mut Verdict) {
+/// An update may add hosts, but a host keeps its URI (machines on it would be orphaned), a host
+/// with machines on it (listed in the old object's `status.hostsInUse`) can be neither removed nor
+/// re-added under another URI, and the endpoint is set once.
+fn validate_spec_update(
+    old: &LibvirtClusterSpec,
+    old_status: Option<&LibvirtClusterStatus>,
+    new: &LibvirtClusterSpec,
+    v: &mut Verdict,
+) {
     if old.control_plane_endpoint.is_some()
         && old.control_plane_endpoint != new.control_plane_endpoint
     {
@@ -224,15 +143,41 @@ fn validate_spec_update(old: &LibvirtClusterSpec, new: &LibvirtClusterSpec, v: &
             Some(i) if new.hosts[i].uri != old_host.uri => v.error(
                 format!("spec.hosts[{i}].uri"),
                 format!(
-                    "is immutable for host {:?}: its machines would be orphaned; add a new host instead",
-                    old_host.name
+                    "is immutable for host {}: its machines would be orphaned; add a new host instead",
+                    quote(&old_host.name)
                 ),
             ),
             Some(_) => {}
             None => v.warn(
                 "spec.hosts",
-                format!("host {:?} was removed: machines still on it are no longer placed or managed there", old_host.name),
+                format!("host {} was removed: machines still on it are no longer placed or managed there", quote(&old_host.name)),
             ),
+        }
+    }
+    // The hosts machines run on, as the machine controller recorded them before creating the VMs:
+    // the truth that survives a host being removed from the spec and added back.
+    let in_use = old_status
+        .and_then(|s| s.hosts_in_use.as_deref())
+        .unwrap_or_default();
+    for recorded in in_use {
+        let listed_before = old.hosts.iter().any(|h| h.name == recorded.name);
+        match new.hosts.iter().position(|h| h.name == recorded.name) {
+            None if listed_before => v.error(
+                "spec.hosts",
+                format!(
+                    "host {} has machines on it (status.hostsInUse) and cannot be removed; delete its machines first",
+                    quote(&recorded.name)
+                ),
+            ),
+            Some(i) if new.hosts[i].uri != recorded.uri => v.error(
+                format!("spec.hosts[{i}].uri"),
+                format!(
+                    "host {} has machines on it (status.hostsInUse) at {}; its URI cannot change",
+                    quote(&recorded.name),
+                    quote(&recorded.uri)
+                ),
+            ),
+            _ => {}
         }
     }
 }
@@ -244,12 +189,12 @@ impl Admit for LibvirtCluster {
         default_spec(&mut self.spec);
     }
 
-    fn validate(&self, v: &mut Verdict) {
-        validate_spec(&self.spec, "spec", v);
+    fn validate(&self, policy: &AdmissionPolicy, v: &mut Verdict) {
+        validate_spec(&self.spec, "spec", policy, v);
     }
 
     fn validate_update(&self, old: &Self, _info: &RequestInfo, v: &mut Verdict) {
-        validate_spec_update(&old.spec, &self.spec, v);
+        validate_spec_update(&old.spec, old.status.as_ref(), &self.spec, v);
     }
 }
 
@@ -260,8 +205,9 @@ impl Admit for LibvirtClusterTemplate {
         default_spec(&mut self.spec.template.spec);
     }
 
-    fn validate(&self, v: &mut Verdict) {
-        validate_spec(&self.spec.template.spec, "spec.template.spec", v);
+    fn validate(&self, policy: &AdmissionPolicy, v: &mut Verdict) {
+        validate_template_meta(self.spec.template.metadata.as_ref(), v);
+        validate_spec(&self.spec.template.spec, "spec.template.spec", policy, v);
     }
 
     fn validate_update(&self, old: &Self, info: &RequestInfo, v: &mut Verdict) {
@@ -272,7 +218,36 @@ impl Admit for LibvirtClusterTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{HostInUse, LibvirtHost};
+    use crate::libvirt::uri::UriPolicy;
 
+    const DEV: AdmissionPolicy = AdmissionPolicy {
+        uri: UriPolicy {
+            allow_test_driver: true,
+        },
+    };
+
+    fn spec(hosts: &[(&str, &str)]) -> LibvirtClusterSpec {
+        LibvirtClusterSpec {
+            hosts: hosts
+                .iter()
+                .map(|(name, uri)| LibvirtHost {
+                    name: (*name).into(),
+                    uri: (*uri).into(),
+                    ..LibvirtHost::default()
+                })
+                .collect(),
+            ..LibvirtClusterSpec::default()
+        }
+    }
+
+    fn uri_errors(uri: &str, policy: &AdmissionPolicy) -> Vec<String> {
+        let mut v = Verdict::default();
+        validate_spec(&spec(&[("a", uri)]), "spec", policy, &mut v);
+        v.errors.iter().map(ToString::to_string).collect()
+    }
+
+    /// The old webhook's URI cases, now answered by the backend's parser.
     #[test]
     fn uris() {
         for ok in [
@@ -283,9 +258,12 @@ mod tests {
             "qemu+ssh://hv1.example.com:2222/system?no_tty=1&known_hosts_verify=normal",
             "qemu+tls://hv1.example.com/system",
             "test:///default",
-            "test:///etc/capl/node.xml",
         ] {
-            assert!(libvirt_uri(ok).is_ok(), "{ok}: {:?}", libvirt_uri(ok));
+            assert!(
+                uri_errors(ok, &DEV).is_empty(),
+                "{ok}: {:?}",
+                uri_errors(ok, &DEV)
+            );
         }
         for (bad, why) in [
             ("http://hv1/system", "not supported"),
@@ -293,18 +271,80 @@ mod tests {
             ("qemu+ext:///system?command=/bin/sh", "not supported"),
             ("qemu+ssh://hv1/system?command=/bin/sh", "command"),
             ("qemu+ssh://hv1/system?keyfile=/etc/shadow", "keyfile"),
-            ("qemu+ssh://u:pw@hv1/system", "password"),
+            ("qemu+ssh://u:pw@hv1/system", "login name"),
             ("qemu://hv1/system", "local hypervisor"),
             ("qemu+ssh:///system", "needs a host"),
             ("qemu:///etc", "/system or /session"),
-            ("qemu:///system?socket=../x", "absolute path"),
-            ("qemu:///system?socket=/a/../b", "without '..'"),
-            ("test://", "absolute path"),
-            ("qemu:///system#x", "fragment"),
-            ("qemu:///system?socket=/a&socket=/b", "repeated"),
+            ("qemu:///system?socket=../x", "socket must be"),
+            ("qemu:///system?socket=/a/../b-sock", "socket must be"),
+            ("test://", "only accepted as test:///default"),
+            (
+                "test:///etc/capl/node.xml",
+                "only accepted as test:///default",
+            ),
+            ("qemu:///system#x", "got '#'"),
+            ("qemu:///system?socket=/a-sock&socket=/b-sock", "repeated"),
+            ("qemu+ssh://h/system?no_tty=1;command=/tmp/x", "';'"),
         ] {
-            let err = libvirt_uri(bad).expect_err(bad);
-            assert!(err.contains(why), "{bad}: {err}");
+            let errors = uri_errors(bad, &DEV);
+            assert!(
+                errors.len() == 1
+                    && errors[0].starts_with("spec.hosts[0].uri: ")
+                    && errors[0].contains(why),
+                "{bad}: {errors:?}"
+            );
         }
+    }
+
+    #[test]
+    fn the_test_driver_needs_the_flag() {
+        let errors = uri_errors("test:///default", &AdmissionPolicy::default());
+        assert!(errors[0].contains("--allow-test-driver"), "{errors:?}");
+    }
+
+    #[test]
+    fn hosts_in_use_keep_their_uri() {
+        let old = spec(&[
+            ("a", "qemu+ssh://a.example.com/system"),
+            ("b", "qemu:///system"),
+        ]);
+        let status = LibvirtClusterStatus {
+            hosts_in_use: Some(vec![HostInUse {
+                name: "a".into(),
+                uri: "qemu+ssh://a.example.com/system".into(),
+            }]),
+            ..LibvirtClusterStatus::default()
+        };
+        let check = |new: &LibvirtClusterSpec, status: Option<&LibvirtClusterStatus>| {
+            let mut v = Verdict::default();
+            validate_spec_update(&old, status, new, &mut v);
+            v.errors.iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        // Removing a host in use is denied; removing a host without machines only warns.
+        let removed = spec(&[("b", "qemu:///system")]);
+        assert!(check(&removed, None).is_empty());
+        assert!(check(&removed, Some(&status))[0].contains("cannot be removed"));
+        assert!(
+            check(
+                &spec(&[("a", "qemu+ssh://a.example.com/system")]),
+                Some(&status)
+            )
+            .is_empty()
+        );
+        // Step two of "remove, then re-add under another URI" is denied too.
+        let old_without_a = spec(&[("b", "qemu:///system")]);
+        let readded = spec(&[
+            ("a", "qemu+ssh://evil.example.com/system"),
+            ("b", "qemu:///system"),
+        ]);
+        let mut v = Verdict::default();
+        validate_spec_update(&old_without_a, Some(&status), &readded, &mut v);
+        assert!(
+            v.errors[0]
+                .to_string()
+                .starts_with("spec.hosts[0].uri: host \"a\" has machines on it"),
+            "{:?}",
+            v.errors
+        );
     }
 }

@@ -2,12 +2,13 @@
 
 use std::collections::BTreeSet;
 
-use super::admission::{Admit, Kind, RequestInfo, Verdict};
+use super::admission::{AdmissionPolicy, Admit, Kind, RequestInfo, Verdict, quote};
 use super::checks;
 use crate::api::{
     ChecksumType, CpuMode, Firmware, ImageFormat, LibvirtMachine, LibvirtMachineSpec,
-    LibvirtMachineTemplate, NicModel,
+    LibvirtMachineTemplate, NicModel, TemplateMeta,
 };
+use crate::egress;
 
 pub const MIN_VCPUS: i32 = 1;
 pub const MAX_VCPUS: i32 = 255;
@@ -30,11 +31,8 @@ pub fn default_spec(spec: &mut LibvirtMachineSpec) {
 /// Every semantic rule of a machine spec; `at` is the spec's path (`spec`, `spec.template.spec`).
 pub fn validate_spec(spec: &LibvirtMachineSpec, at: &str, v: &mut Verdict) {
     if let Some(id) = &spec.provider_id {
-        if id.is_empty() || id.len() > 512 || id.chars().any(char::is_whitespace) {
-            v.error(
-                format!("{at}.providerID"),
-                "must be 1-512 characters without whitespace",
-            );
+        if let Err(message) = checks::provider_id(id) {
+            v.error(format!("{at}.providerID"), message);
         } else if !id.starts_with("libvirt://") {
             v.warn(
                 format!("{at}.providerID"),
@@ -101,7 +99,7 @@ fn validate_image(spec: &LibvirtMachineSpec, at: &str, v: &mut Verdict) {
         _ => {}
     }
     if let Some(url) = &image.url {
-        match checks::image_url(url) {
+        match egress::image_url(url) {
             Err(message) => v.error(format!("{at}.url"), message),
             Ok(parsed) if parsed.scheme() == "http" => v.warn(
                 format!("{at}.url"),
@@ -160,7 +158,7 @@ fn validate_data_volumes(spec: &LibvirtMachineSpec, at: &str, v: &mut Verdict) {
         if !seen.insert(volume.name.as_str()) {
             v.error(
                 format!("{here}.name"),
-                format!("duplicate data volume name {:?}", volume.name),
+                format!("duplicate data volume name {}", quote(&volume.name)),
             );
         }
         range(
@@ -200,22 +198,24 @@ fn validate_interfaces(spec: &LibvirtMachineSpec, at: &str, v: &mut Verdict) {
         if !name_ok {
             v.error(
                 format!("{here}.name"),
-                format!("must be 1-15 lowercase letters, digits or '-', starting with a letter, got {:?}", nic.name),
+                format!(
+                    "must be 1-15 lowercase letters, digits or '-', starting with a letter, got {}",
+                    quote(&nic.name)
+                ),
             );
         }
         if !names.insert(nic.name.as_str()) {
             v.error(
                 format!("{here}.name"),
-                format!("duplicate interface name {:?}", nic.name),
+                format!("duplicate interface name {}", quote(&nic.name)),
             );
         }
-        match (&nic.network, &nic.bridge) {
-            (Some(_), Some(_)) => v.error(
+        // Neither: the interface takes the LibvirtCluster's network.
+        if nic.network.is_some() && nic.bridge.is_some() {
+            v.error(
                 &here,
-                "exactly one of network or bridge must be set, not both",
-            ),
-            (None, None) => v.error(&here, "exactly one of network or bridge must be set"),
-            _ => {}
+                "at most one of network or bridge may be set (neither means the LibvirtCluster's network)",
+            );
         }
         name(
             v,
@@ -228,7 +228,10 @@ fn validate_interfaces(spec: &LibvirtMachineSpec, at: &str, v: &mut Verdict) {
         {
             v.error(
                 format!("{here}.bridge"),
-                format!("must be a Linux interface name (1-15 letters, digits, '_', '.', '-'), got {bridge:?}"),
+                format!(
+                    "must be a Linux interface name (1-15 letters, digits, '_', '.', '-'), got {}",
+                    quote(bridge)
+                ),
             );
         }
         if let Some(mac) = &nic.mac_address {
@@ -238,7 +241,7 @@ fn validate_interfaces(spec: &LibvirtMachineSpec, at: &str, v: &mut Verdict) {
                     if !macs.insert(bytes) {
                         v.error(
                             format!("{here}.macAddress"),
-                            format!("duplicate MAC address {mac}"),
+                            format!("duplicate MAC address {}", quote(mac)),
                         );
                     }
                     if !checks::locally_administered(bytes) {
@@ -313,7 +316,7 @@ impl Admit for LibvirtMachine {
         default_spec(&mut self.spec);
     }
 
-    fn validate(&self, v: &mut Verdict) {
+    fn validate(&self, _policy: &AdmissionPolicy, v: &mut Verdict) {
         validate_spec(&self.spec, "spec", v);
     }
 
@@ -323,7 +326,7 @@ impl Admit for LibvirtMachine {
         {
             v.error(
                 "spec.providerID",
-                format!("can be set once and never changed (was {old_id:?})"),
+                format!("can be set once and never changed (was {})", quote(old_id)),
             );
         }
         for field in changed_fields(&old.spec, &self.spec) {
@@ -344,12 +347,52 @@ impl Admit for LibvirtMachineTemplate {
         default_spec(&mut self.spec.template.spec);
     }
 
-    fn validate(&self, v: &mut Verdict) {
+    fn validate(&self, _policy: &AdmissionPolicy, v: &mut Verdict) {
+        validate_template_meta(self.spec.template.metadata.as_ref(), v);
         validate_spec(&self.spec.template.spec, "spec.template.spec", v);
     }
 
     fn validate_update(&self, old: &Self, info: &RequestInfo, v: &mut Verdict) {
         template_immutable(&old.spec.template, &self.spec.template, info, v);
+    }
+}
+
+/// A template's `spec.template.metadata`, validated as Kubernetes validates an object's labels and
+/// annotations: every object stamped from the template carries them, so a bad one would make
+/// every stamp fail.
+pub fn validate_template_meta(meta: Option<&TemplateMeta>, v: &mut Verdict) {
+    let Some(meta) = meta else { return };
+    let at = "spec.template.metadata";
+    for (field, map, errors) in [
+        (
+            "labels",
+            &meta.labels,
+            meta.labels.as_ref().map(checks::labels),
+        ),
+        (
+            "annotations",
+            &meta.annotations,
+            meta.annotations.as_ref().map(checks::annotations),
+        ),
+    ] {
+        let count = map.as_ref().map_or(0, |m| m.len());
+        if count > checks::MAX_TEMPLATE_METADATA_ENTRIES {
+            v.error(
+                format!("{at}.{field}"),
+                format!(
+                    "must have at most {} entries, got {count}",
+                    checks::MAX_TEMPLATE_METADATA_ENTRIES
+                ),
+            );
+        }
+        for (value, message) in errors.unwrap_or_default() {
+            let message = if value.is_empty() {
+                message
+            } else {
+                format!("Invalid value: {}: {message}", quote(&value))
+            };
+            v.error(format!("{at}.{field}"), message);
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use tower_http::timeout::TimeoutLayer;
 
-use super::admission::{self, Endpoint, Kind};
+use super::admission::{self, AdmissionPolicy, Endpoint, Kind};
 use super::tls::CertStore;
 
 /// Largest AdmissionReview accepted: an object and its old version at the apiserver's 3 MiB
@@ -27,14 +27,14 @@ pub const MAX_BODY_BYTES: usize = 7 * 1024 * 1024;
 /// Per-request deadline, below the apiserver's webhook timeout (10 s).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(8);
 
-/// The admission routes, with body limit and timeout.
-pub fn router() -> Router {
+/// The admission routes, with body limit and timeout, deciding under `policy`.
+pub fn router(policy: AdmissionPolicy) -> Router {
     let mut router = Router::new();
     for kind in Kind::ALL {
         for endpoint in [Endpoint::Mutate, Endpoint::Validate] {
             router = router.route(
                 &kind.path(endpoint),
-                post(move |body: Bytes| async move { handle(kind, endpoint, &body) }),
+                post(move |body: Bytes| async move { handle(kind, endpoint, &body, &policy) }),
             );
         }
     }
@@ -46,8 +46,9 @@ pub fn router() -> Router {
         ))
 }
 
-/// Decodes one AdmissionReview and answers it. Public for benchmarks and fuzzing.
-pub fn handle(kind: Kind, endpoint: Endpoint, body: &[u8]) -> Response {
+/// Decodes one AdmissionReview and answers it under `policy`. Public for tests, benchmarks and
+/// fuzzing.
+pub fn handle(kind: Kind, endpoint: Endpoint, body: &[u8], policy: &AdmissionPolicy) -> Response {
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(review) => review,
         Err(error) => {
@@ -64,7 +65,7 @@ pub fn handle(kind: Kind, endpoint: Endpoint, body: &[u8]) -> Response {
             return (StatusCode::BAD_REQUEST, "AdmissionReview without a request").into_response();
         }
     };
-    let response = admission::review(kind, endpoint, &request);
+    let response = admission::review(kind, endpoint, &request, policy);
     tracing::debug!(
         kind = kind.name(),
         endpoint = endpoint.prefix(),
@@ -82,6 +83,7 @@ pub fn handle(kind: Kind, endpoint: Endpoint, body: &[u8]) -> Response {
 pub async fn serve(
     addr: SocketAddr,
     certs: Arc<CertStore>,
+    policy: AdmissionPolicy,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = RustlsConfig::from_config(certs.server_config()?);
@@ -94,7 +96,7 @@ pub async fn serve(
     tracing::info!(address = %addr, "webhook server listening");
     axum_server::bind_rustls(addr, config)
         .handle(handle)
-        .serve(router().into_make_service())
+        .serve(router(policy).into_make_service())
         .await?;
     Ok(())
 }
