@@ -593,3 +593,217 @@ impl Backend for FakeBackend {
         Ok(found)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{CpuMode, DomainType, Firmware};
+    use crate::libvirt::backend::DataDisk;
+    use crate::libvirt::uri::UriPolicy;
+
+    fn host() -> HostRef {
+        HostRef {
+            name: "a".into(),
+            uri: HostUri::parse("qemu+ssh://root@host-a/system", UriPolicy::default())
+                .expect("uri"),
+            domain_type: DomainType::Kvm,
+        }
+    }
+
+    fn request(name: &str) -> MachineRequest {
+        MachineRequest {
+            identity: MachineIdentity::new("ns", name, MachineIdentity::uuid_for_uid(name)),
+            cluster: "c".into(),
+            host: host(),
+            vcpus: 1,
+            memory_mib: 512,
+            cpu_mode: CpuMode::HostPassthrough,
+            firmware: Firmware::Bios,
+            pool: "default".into(),
+            image: BaseImage::Volume {
+                pool: "default".into(),
+                name: "golden.qcow2".into(),
+            },
+            root_gib: 10,
+            data_disks: vec![DataDisk {
+                name: "etcd".into(),
+                size_gib: 1,
+                pool: "fast".into(),
+            }],
+            interfaces: vec![],
+            bootstrap: Some(Bootstrap::Ignition(b"{}".to_vec().into())),
+            direct_boot: None,
+        }
+    }
+
+    fn backend() -> FakeBackend {
+        let fake = FakeBackend::new();
+        fake.add_volume(&host().uri, "default", "golden.qcow2");
+        fake
+    }
+
+    /// Calls `ensure` until it stops reporting progress.
+    async fn settle(fake: &FakeBackend, request: &MachineRequest) -> Result<Provisioning, BackendError> {
+        for _ in 0..200 {
+            match fake.ensure(request).await {
+                Ok(Provisioning::InProgress { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                other => return other,
+            }
+        }
+        panic!("ensure never settled");
+    }
+
+    #[tokio::test]
+    async fn ensure_is_poll_style_idempotent_and_delete_leaves_nothing() {
+        let fake = backend();
+        let req = request("m1");
+        assert!(matches!(
+            fake.ensure(&req).await,
+            Ok(Provisioning::InProgress { step: Step::BaseImage })
+        ));
+        let Ok(Provisioning::Ready(state)) = settle(&fake, &req).await else {
+            panic!("not ready")
+        };
+        assert!(state.domain.is_running());
+        assert!(matches!(
+            state.bootstrap,
+            Some(BootstrapDelivery::Delivered { .. })
+        ));
+        assert_eq!(
+            fake.ensure(&req).await,
+            Ok(Provisioning::Ready(state)),
+            "a ready machine stays ready"
+        );
+        let owned = fake.inventory(&req.host, &req.identity).await.expect("inventory");
+        assert_eq!(owned.volumes.len(), 3, "root, data, ignition: {owned:?}");
+        assert!(matches!(
+            fake.delete(&req.host, &req.identity, Duration::from_secs(30)).await,
+            Ok(Deletion::ShuttingDown { .. })
+        ));
+        assert_eq!(
+            fake.delete(&req.host, &req.identity, Duration::from_secs(30)).await,
+            Ok(Deletion::Gone),
+            "the guest honoured ACPI"
+        );
+        assert!(fake.inventory(&req.host, &req.identity).await.expect("inv").is_empty());
+        assert_eq!(fake.volumes(&req.host.uri), vec![("default".into(), "golden.qcow2".into())]);
+        assert_eq!(fake.calls(Method::Delete), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_reported_once_then_retried() {
+        let fake = backend();
+        let req = request("m2");
+        fake.inject(Step::Define, Fault::Fail(ErrorKind::Invalid), Times::Once);
+        let error = settle(&fake, &req).await.expect_err("injected");
+        assert_eq!((error.step, error.kind), (Some(Step::Define), ErrorKind::Invalid));
+        assert_eq!(error.reason(), "DefineInvalid");
+        assert!(matches!(settle(&fake, &req).await, Ok(Provisioning::Ready(_))));
+
+        fake.inject(Step::RootVolume, Fault::Fail(ErrorKind::Transient), Times::Always);
+        let other = request("m3");
+        assert!(settle(&fake, &other).await.is_err());
+        assert!(settle(&fake, &other).await.is_err(), "always");
+        fake.clear_faults();
+        assert!(matches!(settle(&fake, &other).await, Ok(Provisioning::Ready(_))));
+    }
+
+    #[tokio::test]
+    async fn a_crash_leaves_partial_state_that_the_next_ensure_completes() {
+        let fake = backend();
+        let req = request("m4");
+        fake.inject(Step::Define, Fault::Crash, Times::Once);
+        fake.ensure(&req).await.expect("started");
+        for _ in 0..100 {
+            if fake.domain_running(&req.host.uri, req.identity.uuid) == Some(false)
+                && !fake.tasks.is_running(req.identity.uuid)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            fake.domain_running(&req.host.uri, req.identity.uuid),
+            Some(false),
+            "defined, never started"
+        );
+        assert!(matches!(settle(&fake, &req).await, Ok(Provisioning::Ready(_))));
+        assert_eq!(fake.list_machines(&req.host).await.expect("list").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_slow_step_is_in_progress_and_delete_cancels_it() {
+        let fake = backend();
+        let req = request("m5");
+        fake.inject(Step::DataVolumes, Fault::Slow(Duration::from_secs(60)), Times::Once);
+        fake.ensure(&req).await.expect("started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            fake.ensure(&req).await,
+            Ok(Provisioning::InProgress { step: Step::DataVolumes })
+        );
+        let started = Instant::now();
+        assert_eq!(
+            fake.delete(&req.host, &req.identity, Duration::ZERO).await,
+            Ok(Deletion::Gone)
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "cancelled, not waited for");
+        assert!(fake.inventory(&req.host, &req.identity).await.expect("inv").is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_host_fails_every_call_and_counts_it() {
+        let fake = backend();
+        let req = request("m6");
+        fake.set_unreachable(&req.host.uri, true);
+        let error = fake.ensure(&req).await.expect_err("unreachable");
+        assert_eq!(error.kind, ErrorKind::HostUnreachable);
+        assert_eq!(error.reason(), "HostUnreachable");
+        assert!(fake.versions(&req.host).await.is_err());
+        assert!(fake.delete(&req.host, &req.identity, Duration::ZERO).await.is_err());
+        fake.set_unreachable(&req.host.uri, false);
+        assert!(matches!(settle(&fake, &req).await, Ok(Provisioning::Ready(_))));
+        assert_eq!(fake.calls(Method::Versions), 1);
+        assert!(fake.total_calls() >= 4);
+    }
+
+    #[tokio::test]
+    async fn another_objects_domain_is_a_conflict_and_untouched() {
+        let fake = backend();
+        let req = request("m7");
+        fake.add_domain(&req.host.uri, req.identity.uuid, "other-tenant", "their-vm");
+        let error = fake.ensure(&req).await.expect_err("conflict");
+        assert_eq!(error.kind, ErrorKind::Conflict);
+        assert!(!error.message.contains("other-tenant"), "{error}");
+        assert_eq!(
+            fake.delete(&req.host, &req.identity, Duration::ZERO).await.map_err(|e| e.kind),
+            Err(ErrorKind::Conflict)
+        );
+        assert!(fake.status(&req.host, &req.identity).await.is_err());
+        assert_eq!(fake.domain_running(&req.host.uri, req.identity.uuid), Some(true));
+    }
+
+    #[tokio::test]
+    async fn a_guest_ignoring_acpi_is_stopped_after_the_deadline() {
+        let fake = backend();
+        fake.set_guests_ignore_acpi(true);
+        let req = request("m8");
+        settle(&fake, &req).await.expect("ready");
+        let grace = Duration::from_millis(50);
+        let Ok(Deletion::ShuttingDown { deadline }) =
+            fake.delete(&req.host, &req.identity, grace).await
+        else {
+            panic!("shutting down")
+        };
+        assert!(matches!(
+            fake.delete(&req.host, &req.identity, grace).await,
+            Ok(Deletion::ShuttingDown { deadline: d }) if d == deadline
+        ));
+        tokio::time::sleep(grace).await;
+        assert_eq!(fake.delete(&req.host, &req.identity, grace).await, Ok(Deletion::Gone));
+        fake.inject(Step::Undefine, Fault::Fail(ErrorKind::Transient), Times::Once);
+        assert!(fake.delete(&req.host, &req.identity, grace).await.is_err());
+    }
+}
