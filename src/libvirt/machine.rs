@@ -293,7 +293,13 @@ impl Host {
                 tracing::debug!(uri = self.uri(), pool = %name, "skipping an inactive pool");
                 continue;
             }
+            // Files QEMU made (the console log) become volumes on refresh. A pool busy with
+            // another upload cannot refresh: that only matters for pools the definition uses.
+            let referenced = sources.volumes.iter().any(|(p, _)| p == &name);
             match pool.refresh(0) {
+                Err(e) if is_busy(&e) && !referenced => {
+                    tracing::debug!(uri = self.uri(), pool = %name, error = %e, "pool busy; listing the volumes libvirt knows");
+                }
                 Err(e) if !is_not_found(&e) => {
                     return Err(self.call_error("virStoragePoolRefresh")(e));
                 }
@@ -448,6 +454,12 @@ fn ignore_gone(result: std::result::Result<(), virt::error::Error>) -> std::resu
         Err(e) if !is_not_found(&e) && !is_not_running(&e) => Err(e),
         _ => Ok(()),
     }
+}
+
+/// Whether a pool refused a refresh because another job (an upload) runs in it.
+pub(crate) fn is_busy(error: &virt::error::Error) -> bool {
+    matches!(error.code().known(), Some(ErrorNumber::InternalError))
+        && error.message().contains("asynchronous jobs")
 }
 
 fn is_not_running(error: &virt::error::Error) -> bool {

@@ -288,14 +288,11 @@ fn domain_plan_on(host: &Host, req: &MachineRequest) -> Result<DomainPlan, Error
         Some(Bootstrap::Ignition(_)) => Some(host.volume_path(&req.pool, &req.ignition_name())?),
         _ => None,
     };
-    // The log lives in the root disk's directory when the pool is a directory.
-    let serial_log = host
-        .volume_path(&req.pool, &req.root_name())
-        .ok()
-        .and_then(|root| {
-            let dir = std::path::Path::new(&root).parent()?.to_owned();
-            Some(dir.join(req.serial_log_name()).display().to_string())
-        });
+    // The log lives in the root disk's directory (the root disk exists by now).
+    let root = host.volume_path(&req.pool, &req.root_name())?;
+    let serial_log = std::path::Path::new(&root)
+        .parent()
+        .map(|dir| dir.join(req.serial_log_name()).display().to_string());
     let hypervisor = if host.is_test_driver() {
         Hypervisor::Test
     } else {

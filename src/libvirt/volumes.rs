@@ -169,6 +169,9 @@ impl Host {
             .map_err(|error| self.call("virConnectListAllStoragePools", error))?;
         for pool in pools {
             match pool.refresh(0) {
+                Err(e) if super::machine::is_busy(&e) => {
+                    tracing::debug!(uri = self.uri(), error = %e, "pool busy; not refreshed");
+                }
                 Err(e) if !is_not_found(&e) => {
                     return Err(self.call("virStoragePoolRefresh", e));
                 }
