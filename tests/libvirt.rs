@@ -507,10 +507,10 @@ async fn base_images_are_fetched_once_verified_and_shared() {
 async fn a_crash_after_any_step_converges_to_one_machine_and_delete_leaves_nothing() {
     use capl::api::{ChecksumType, ImageFormat};
     use capl::cloudinit::{MetaData, Seed};
-    use capl::libvirt::hosts::Hosts;
-    use capl::libvirt::image::{ImageCache, ImageRequest};
     use capl::libvirt::backend::{BaseImage, Bootstrap, DataDisk, MachineRequest};
     use capl::libvirt::error::Step;
+    use capl::libvirt::hosts::Hosts;
+    use capl::libvirt::image::{ImageCache, ImageRequest};
     use capl::libvirt::provision::{provision, run_step};
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -596,10 +596,10 @@ async fn a_crash_after_any_step_converges_to_one_machine_and_delete_leaves_nothi
 async fn a_real_guest_boots_reads_its_seed_and_gets_an_address() {
     use capl::api::{ChecksumType, ImageFormat};
     use capl::cloudinit::{MetaData, Seed};
+    use capl::libvirt::backend::{BaseImage, Bootstrap, MachineRequest};
     use capl::libvirt::hosts::Hosts;
     use capl::libvirt::image::{ImageCache, ImageRequest};
     use capl::libvirt::machine::AddressSource;
-    use capl::libvirt::backend::{BaseImage, Bootstrap, MachineRequest};
     use capl::libvirt::provision::provision;
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -671,9 +671,7 @@ async fn a_real_guest_boots_reads_its_seed_and_gets_an_address() {
         && (lease.is_none() || !console.contains(&marker))
     {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        console = host
-            .console_tail(&id, 64 * 1024)
-            .expect("console");
+        console = host.console_tail(&id, 64 * 1024).expect("console");
         if lease.is_none() {
             lease = host
                 .addresses(&id)
@@ -721,9 +719,9 @@ async fn a_real_guest_boots_reads_its_seed_and_gets_an_address() {
 /// volume serves as the backing image of the root disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ignition_reaches_the_guest_through_fw_cfg_on_an_existing_volume() {
+    use capl::libvirt::backend::{BaseImage, Bootstrap, MachineRequest};
     use capl::libvirt::hosts::Hosts;
     use capl::libvirt::image::ImageCache;
-    use capl::libvirt::backend::{BaseImage, Bootstrap, MachineRequest};
     use capl::libvirt::provision::provision;
 
     let direct_boot = test_guest();
@@ -790,9 +788,7 @@ async fn ignition_reaches_the_guest_through_fw_cfg_on_an_existing_volume() {
     let mut console = String::new();
     while started.elapsed() < Duration::from_secs(120) && !console.contains(&marker) {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        console = host
-            .console_tail(&id, 64 * 1024)
-            .expect("console");
+        console = host.console_tail(&id, 64 * 1024).expect("console");
     }
     assert!(
         console.contains(&format!(
@@ -1001,7 +997,11 @@ async fn the_backend_runs_a_machine_on_the_test_driver() {
         .collect();
     assert_eq!(listed.len(), 1);
     assert_eq!(
-        (listed[0].uuid, listed[0].name.as_str(), listed[0].cluster.as_str()),
+        (
+            listed[0].uuid,
+            listed[0].name.as_str(),
+            listed[0].cluster.as_str()
+        ),
         (id.uuid, "worker-1", "dev")
     );
     let (facts, space) = backend
@@ -1024,10 +1024,7 @@ async fn the_backend_runs_a_machine_on_the_test_driver() {
         .delete(&host, &id, Duration::from_secs(300))
         .await
         .expect("delete");
-    assert!(
-        matches!(first, Deletion::ShuttingDown { .. }),
-        "{first:?}"
-    );
+    assert!(matches!(first, Deletion::ShuttingDown { .. }), "{first:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     delete_through(&backend, &host, &id, Duration::from_secs(300))
         .await
@@ -1118,10 +1115,7 @@ async fn a_foreign_domain_with_the_machines_uuid_is_a_conflict_and_untouched() {
         .hosts()
         .run(&uri, move |host| {
             for xml in [victim_xml, stranger_xml] {
-                let domain = host
-                    .connection()
-                    .define_domain_xml(&xml)
-                    .expect("define");
+                let domain = host.connection().define_domain_xml(&xml).expect("define");
                 domain.create().expect("start");
             }
             Ok(())
@@ -1267,7 +1261,9 @@ async fn delete_cleans_every_pool_and_returns_libvirt_errors() {
     assert!(left.is_empty(), "{left:?}");
     let golden_left = backend
         .hosts()
-        .run(&uri, |host| host.volume_exists("default-pool", "golden.qcow2"))
+        .run(&uri, |host| {
+            host.volume_exists("default-pool", "golden.qcow2")
+        })
         .await
         .expect("lookup");
     assert!(golden_left, "the base volume is never the machine's");
@@ -1347,8 +1343,7 @@ async fn a_delete_waits_for_a_running_create_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_call_times_out_promptly() {
     use capl::libvirt::error::{BackendError, ErrorKind};
-    let hosts =
-        capl::libvirt::hosts::Hosts::with_timeout(2, Duration::from_millis(200));
+    let hosts = capl::libvirt::hosts::Hosts::with_timeout(2, Duration::from_millis(200));
     let uri = support::host_uri("test:///default");
     let started = std::time::Instant::now();
     let error = hosts

@@ -260,8 +260,7 @@ mod tests {
 
     #[test]
     fn requests_never_print_bootstrap_data() {
-        let identity =
-            MachineIdentity::new("ns", "m", MachineIdentity::uuid_for_uid("uid"));
+        let identity = MachineIdentity::new("ns", "m", MachineIdentity::uuid_for_uid("uid"));
         let request = MachineRequest {
             identity: identity.clone(),
             cluster: "c".into(),

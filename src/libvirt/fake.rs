@@ -16,7 +16,9 @@ use super::backend::{
 };
 use super::error::{BackendError, ErrorKind, Step};
 use super::identity::MachineIdentity;
-use super::machine::{AddressSource, DomainStatus, GuestAddress, HostFacts, Inventory, OwnedVolume};
+use super::machine::{
+    AddressSource, DomainStatus, GuestAddress, HostFacts, Inventory, OwnedVolume,
+};
 use super::tasks::{MachineLocks, Polled, Tasks};
 use super::uri::HostUri;
 use super::volumes::PoolSpace;
@@ -320,19 +322,17 @@ async fn fake_step(
                 host.volumes.insert((request.pool.clone(), volume));
             }
         }
-        Step::Define => {
-            if !exists {
-                host.domains.insert(
-                    id.domain_uuid(),
-                    FakeDomain {
-                        namespace: id.namespace.clone(),
-                        name: id.name.clone(),
-                        cluster: request.cluster.clone(),
-                        domain_name: id.domain_name(),
-                        running: false,
-                    },
-                );
-            }
+        Step::Define if !exists => {
+            host.domains.insert(
+                id.domain_uuid(),
+                FakeDomain {
+                    namespace: id.namespace.clone(),
+                    name: id.name.clone(),
+                    cluster: request.cluster.clone(),
+                    domain_name: id.domain_name(),
+                    running: false,
+                },
+            );
         }
         Step::Start => match host.domains.get_mut(&id.domain_uuid()) {
             Some(domain) => domain.running = true,
@@ -479,7 +479,9 @@ impl Backend for FakeBackend {
         let prefix = identity.volume_prefix();
         let fake_host = world.host(&host.uri);
         fake_host.domains.remove(&uuid);
-        fake_host.volumes.retain(|(_, name)| !name.starts_with(&prefix));
+        fake_host
+            .volumes
+            .retain(|(_, name)| !name.starts_with(&prefix));
         Ok(Deletion::Gone)
     }
 
@@ -643,7 +645,10 @@ mod tests {
     }
 
     /// Calls `ensure` until it stops reporting progress.
-    async fn settle(fake: &FakeBackend, request: &MachineRequest) -> Result<Provisioning, BackendError> {
+    async fn settle(
+        fake: &FakeBackend,
+        request: &MachineRequest,
+    ) -> Result<Provisioning, BackendError> {
         for _ in 0..200 {
             match fake.ensure(request).await {
                 Ok(Provisioning::InProgress { .. }) => {
@@ -661,7 +666,9 @@ mod tests {
         let req = request("m1");
         assert!(matches!(
             fake.ensure(&req).await,
-            Ok(Provisioning::InProgress { step: Step::BaseImage })
+            Ok(Provisioning::InProgress {
+                step: Step::BaseImage
+            })
         ));
         let Ok(Provisioning::Ready(state)) = settle(&fake, &req).await else {
             panic!("not ready")
@@ -676,19 +683,32 @@ mod tests {
             Ok(Provisioning::Ready(state)),
             "a ready machine stays ready"
         );
-        let owned = fake.inventory(&req.host, &req.identity).await.expect("inventory");
+        let owned = fake
+            .inventory(&req.host, &req.identity)
+            .await
+            .expect("inventory");
         assert_eq!(owned.volumes.len(), 3, "root, data, ignition: {owned:?}");
         assert!(matches!(
-            fake.delete(&req.host, &req.identity, Duration::from_secs(30)).await,
+            fake.delete(&req.host, &req.identity, Duration::from_secs(30))
+                .await,
             Ok(Deletion::ShuttingDown { .. })
         ));
         assert_eq!(
-            fake.delete(&req.host, &req.identity, Duration::from_secs(30)).await,
+            fake.delete(&req.host, &req.identity, Duration::from_secs(30))
+                .await,
             Ok(Deletion::Gone),
             "the guest honoured ACPI"
         );
-        assert!(fake.inventory(&req.host, &req.identity).await.expect("inv").is_empty());
-        assert_eq!(fake.volumes(&req.host.uri), vec![("default".into(), "golden.qcow2".into())]);
+        assert!(
+            fake.inventory(&req.host, &req.identity)
+                .await
+                .expect("inv")
+                .is_empty()
+        );
+        assert_eq!(
+            fake.volumes(&req.host.uri),
+            vec![("default".into(), "golden.qcow2".into())]
+        );
         assert_eq!(fake.calls(Method::Delete), 2);
     }
 
@@ -698,16 +718,29 @@ mod tests {
         let req = request("m2");
         fake.inject(Step::Define, Fault::Fail(ErrorKind::Invalid), Times::Once);
         let error = settle(&fake, &req).await.expect_err("injected");
-        assert_eq!((error.step, error.kind), (Some(Step::Define), ErrorKind::Invalid));
+        assert_eq!(
+            (error.step, error.kind),
+            (Some(Step::Define), ErrorKind::Invalid)
+        );
         assert_eq!(error.reason(), "DefineInvalid");
-        assert!(matches!(settle(&fake, &req).await, Ok(Provisioning::Ready(_))));
+        assert!(matches!(
+            settle(&fake, &req).await,
+            Ok(Provisioning::Ready(_))
+        ));
 
-        fake.inject(Step::RootVolume, Fault::Fail(ErrorKind::Transient), Times::Always);
+        fake.inject(
+            Step::RootVolume,
+            Fault::Fail(ErrorKind::Transient),
+            Times::Always,
+        );
         let other = request("m3");
         assert!(settle(&fake, &other).await.is_err());
         assert!(settle(&fake, &other).await.is_err(), "always");
         fake.clear_faults();
-        assert!(matches!(settle(&fake, &other).await, Ok(Provisioning::Ready(_))));
+        assert!(matches!(
+            settle(&fake, &other).await,
+            Ok(Provisioning::Ready(_))
+        ));
     }
 
     #[tokio::test]
@@ -729,7 +762,10 @@ mod tests {
             Some(false),
             "defined, never started"
         );
-        assert!(matches!(settle(&fake, &req).await, Ok(Provisioning::Ready(_))));
+        assert!(matches!(
+            settle(&fake, &req).await,
+            Ok(Provisioning::Ready(_))
+        ));
         assert_eq!(fake.list_machines(&req.host).await.expect("list").len(), 1);
     }
 
@@ -737,20 +773,34 @@ mod tests {
     async fn a_slow_step_is_in_progress_and_delete_cancels_it() {
         let fake = backend();
         let req = request("m5");
-        fake.inject(Step::DataVolumes, Fault::Slow(Duration::from_secs(60)), Times::Once);
+        fake.inject(
+            Step::DataVolumes,
+            Fault::Slow(Duration::from_secs(60)),
+            Times::Once,
+        );
         fake.ensure(&req).await.expect("started");
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(
             fake.ensure(&req).await,
-            Ok(Provisioning::InProgress { step: Step::DataVolumes })
+            Ok(Provisioning::InProgress {
+                step: Step::DataVolumes
+            })
         );
         let started = Instant::now();
         assert_eq!(
             fake.delete(&req.host, &req.identity, Duration::ZERO).await,
             Ok(Deletion::Gone)
         );
-        assert!(started.elapsed() < Duration::from_secs(5), "cancelled, not waited for");
-        assert!(fake.inventory(&req.host, &req.identity).await.expect("inv").is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "cancelled, not waited for"
+        );
+        assert!(
+            fake.inventory(&req.host, &req.identity)
+                .await
+                .expect("inv")
+                .is_empty()
+        );
     }
 
     #[tokio::test]
@@ -762,9 +812,16 @@ mod tests {
         assert_eq!(error.kind, ErrorKind::HostUnreachable);
         assert_eq!(error.reason(), "HostUnreachable");
         assert!(fake.versions(&req.host).await.is_err());
-        assert!(fake.delete(&req.host, &req.identity, Duration::ZERO).await.is_err());
+        assert!(
+            fake.delete(&req.host, &req.identity, Duration::ZERO)
+                .await
+                .is_err()
+        );
         fake.set_unreachable(&req.host.uri, false);
-        assert!(matches!(settle(&fake, &req).await, Ok(Provisioning::Ready(_))));
+        assert!(matches!(
+            settle(&fake, &req).await,
+            Ok(Provisioning::Ready(_))
+        ));
         assert_eq!(fake.calls(Method::Versions), 1);
         assert!(fake.total_calls() >= 4);
     }
@@ -778,11 +835,16 @@ mod tests {
         assert_eq!(error.kind, ErrorKind::Conflict);
         assert!(!error.message.contains("other-tenant"), "{error}");
         assert_eq!(
-            fake.delete(&req.host, &req.identity, Duration::ZERO).await.map_err(|e| e.kind),
+            fake.delete(&req.host, &req.identity, Duration::ZERO)
+                .await
+                .map_err(|e| e.kind),
             Err(ErrorKind::Conflict)
         );
         assert!(fake.status(&req.host, &req.identity).await.is_err());
-        assert_eq!(fake.domain_running(&req.host.uri, req.identity.uuid), Some(true));
+        assert_eq!(
+            fake.domain_running(&req.host.uri, req.identity.uuid),
+            Some(true)
+        );
     }
 
     #[tokio::test]
@@ -802,8 +864,15 @@ mod tests {
             Ok(Deletion::ShuttingDown { deadline: d }) if d == deadline
         ));
         tokio::time::sleep(grace).await;
-        assert_eq!(fake.delete(&req.host, &req.identity, grace).await, Ok(Deletion::Gone));
-        fake.inject(Step::Undefine, Fault::Fail(ErrorKind::Transient), Times::Once);
+        assert_eq!(
+            fake.delete(&req.host, &req.identity, grace).await,
+            Ok(Deletion::Gone)
+        );
+        fake.inject(
+            Step::Undefine,
+            Fault::Fail(ErrorKind::Transient),
+            Times::Once,
+        );
         assert!(fake.delete(&req.host, &req.identity, grace).await.is_err());
     }
 }

@@ -160,6 +160,10 @@ mod tests {
             "worker-1",
             MachineIdentity::uuid_for_uid("old-uid"),
         );
-        assert!(moved.domain_name().ends_with(&moved.uuid.simple().to_string()[..8]));
+        assert!(
+            moved
+                .domain_name()
+                .ends_with(&moved.uuid.simple().to_string()[..8])
+        );
     }
 }

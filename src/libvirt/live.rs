@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::HostVersions;
-use super::backend::{
-    Backend, Deletion, HostRef, MachineRequest, OwnedDomain, Provisioning,
-};
+use super::backend::{Backend, Deletion, HostRef, MachineRequest, OwnedDomain, Provisioning};
 use super::error::{BackendError, Step};
 use super::hosts::Hosts;
 use super::identity::MachineIdentity;
@@ -149,8 +147,10 @@ impl Backend for LibvirtBackend {
         identity: &MachineIdentity,
     ) -> Result<Option<DomainStatus>, BackendError> {
         let identity = identity.clone();
-        self.run(host, Some(Step::Lookup), move |h| h.machine_status(&identity))
-            .await
+        self.run(host, Some(Step::Lookup), move |h| {
+            h.machine_status(&identity)
+        })
+        .await
     }
 
     async fn delete(

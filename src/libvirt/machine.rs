@@ -118,9 +118,7 @@ impl Host {
             return Ok(None);
         };
         match self.recorded_owner(&domain)? {
-            Some(owner)
-                if owner.namespace == identity.namespace && owner.name == identity.name =>
-            {
+            Some(owner) if owner.namespace == identity.namespace && owner.name == identity.name => {
                 Ok(Some(domain))
             }
             _ => Err(Error::Conflict(format!(
@@ -449,7 +447,9 @@ impl Host {
     }
 }
 
-fn ignore_gone(result: std::result::Result<(), virt::error::Error>) -> std::result::Result<(), virt::error::Error> {
+fn ignore_gone(
+    result: std::result::Result<(), virt::error::Error>,
+) -> std::result::Result<(), virt::error::Error> {
     match result {
         Err(e) if !is_not_found(&e) && !is_not_running(&e) => Err(e),
         _ => Ok(()),
@@ -485,16 +485,22 @@ pub enum AddressSource {
 /// One address of a running guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestAddress {
+    /// MAC of the interface holding the address, when the source says.
     pub mac: Option<String>,
+    /// The address.
     pub address: std::net::IpAddr,
+    /// Where it was learned.
     pub source: AddressSource,
 }
 
 /// What a host offers (placement input).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostFacts {
+    /// Logical CPUs.
     pub cpus: u32,
+    /// Total memory in bytes.
     pub memory_bytes: u64,
+    /// Free memory in bytes.
     pub free_memory_bytes: u64,
 }
 

@@ -205,7 +205,10 @@ mod tests {
             None
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(matches!(tasks.poll(uuid), Polled::Running(Step::RootVolume)));
+        assert!(matches!(
+            tasks.poll(uuid),
+            Polled::Running(Step::RootVolume)
+        ));
         tasks.cancel(uuid).await;
         assert!(!tasks.is_running(uuid));
         assert!(matches!(tasks.poll(uuid), Polled::Idle));
