@@ -227,7 +227,34 @@ fn real_qemu_runs_a_machine_on_an_overlay_and_delete_leaves_nothing() {
         status.uuid
     );
 
-    delete_until_gone(&host, &id, Duration::from_secs(1));
+    // Graceful delete: the guest is asked once and the call returns at once; nothing sleeps in
+    // a libvirt call. After the deadline (this guest has no OS to honour ACPI) it is stopped.
+    let asked = std::time::Instant::now();
+    let Ok(Deletion::ShuttingDown { deadline }) =
+        host.delete_machine(&id, Duration::from_secs(30), None)
+    else {
+        panic!("a running guest is asked to shut down first")
+    };
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        host.delete_machine(&id, Duration::from_secs(30), Some(deadline)),
+        Ok(Deletion::ShuttingDown { deadline }),
+        "before the deadline: still waiting, no second request"
+    );
+    assert_eq!(
+        host.delete_machine(
+            &id,
+            Duration::from_secs(30),
+            Some(std::time::Instant::now())
+        ),
+        Ok(Deletion::Gone),
+        "after the deadline: stopped and removed"
+    );
+    assert_eq!(domains_with_uuid(&host, &id), 0);
     assert!(host.inventory(&id).expect("inventory").is_empty());
     assert!(base.exists(), "the shared base image stays");
     let bed = support::shared();
@@ -1364,4 +1391,48 @@ async fn a_hung_call_times_out_promptly() {
         .run(&uri, |host| host.versions())
         .await
         .expect("the next call works");
+}
+
+/// Libvirt's event loop runs, so keepalive notices a peer that stopped answering: a call to a
+/// frozen libvirtd fails after the keepalive window (5 s × 3), not only at the call timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_notices_a_frozen_libvirtd() {
+    use support::libvirtd::Libvirtd;
+    use support::process::Lifetime;
+
+    let dir = support::shared().test_dir("keepalive").join("libvirt");
+    let mut libvirtd = Libvirtd::start(&dir, Lifetime::TestProcess).expect("a private libvirtd");
+    let uri = libvirtd.host_uri();
+    let hosts = capl::libvirt::hosts::Hosts::with_timeout(2, Duration::from_secs(120));
+    hosts
+        .run(&uri, |host| host.facts())
+        .await
+        .expect("first call");
+    let pids = libvirtd.pids();
+    let signal = |sig| {
+        for pid in &pids {
+            // SAFETY: plain kill(2) on processes of the test's own namespace.
+            unsafe { libc::kill(*pid as libc::pid_t, sig) };
+        }
+    };
+    signal(libc::SIGSTOP);
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        hosts.run(&uri, |host| host.facts()),
+    )
+    .await;
+    signal(libc::SIGCONT);
+    let elapsed = started.elapsed();
+    let error = outcome
+        .expect("keepalive closed the connection before 60 s")
+        .expect_err("a frozen peer cannot answer");
+    println!("frozen libvirtd noticed after {elapsed:?}: {error}");
+    assert!(error.is_connection_lost(), "{error}");
+    assert!(elapsed < Duration::from_secs(40), "{elapsed:?}");
+    hosts
+        .run(&uri, |host| host.facts())
+        .await
+        .expect("reconnected once it answers again");
+    libvirtd.stop();
 }
