@@ -53,7 +53,7 @@ pub enum Fault {
     /// The step fails with an error of this kind (nothing of the step is done).
     Fail(ErrorKind),
     /// The step is done, then the background work stops without a result, as if the manager
-    /// died: the partial state stays and a later `ensure` completes it.
+    /// died: the partial state stays and a later `ensure` completes it (creation steps only).
     Crash,
     /// The step takes this long (cancellable by delete).
     Slow(Duration),
