@@ -706,3 +706,40 @@ pub fn parse_sources(xml: &str) -> DomainSources {
     sources.paths.dedup();
     sources
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_and_sources_read_back_from_libvirt_xml() {
+        let owner = parse_owner(&format!(
+            "<capl:machine xmlns:capl=\"{METADATA_NAMESPACE}\"><capl:namespace>ns</capl:namespace>\
+             <capl:name>m&amp;1</capl:name><capl:uid>old</capl:uid><capl:cluster>c</capl:cluster></capl:machine>"
+        ))
+        .expect("owner");
+        assert_eq!(
+            (
+                owner.namespace.as_str(),
+                owner.name.as_str(),
+                owner.cluster.as_str()
+            ),
+            ("ns", "m&1", "c")
+        );
+        assert_eq!(parse_owner("<other/>"), None);
+
+        let sources = parse_sources(
+            "<domain><devices>\
+               <disk type='volume'><source pool='p' volume='v-root'/></disk>\
+               <disk type='file'><source file='/img/v-data'/></disk>\
+               <serial type='pty'><log file='/img/v-serial.log' append='on'/></serial>\
+             </devices><sysinfo type='fwcfg'><entry name='opt/com.coreos/config' file='/img/v-ign'/></sysinfo></domain>",
+        );
+        assert_eq!(sources.volumes, vec![("p".into(), "v-root".into())]);
+        assert_eq!(
+            sources.paths,
+            vec!["/img/v-data", "/img/v-ign", "/img/v-serial.log"]
+        );
+        assert_eq!(sources.serial_log.as_deref(), Some("/img/v-serial.log"));
+    }
+}
