@@ -28,11 +28,41 @@ pub struct MetaData {
     pub provider_id: String,
 }
 
+/// A value that must never be logged (bootstrap data, credentials): its `Debug` prints
+/// `[redacted]`, and it has no `Display`. Read it through [`Sensitive::expose`].
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Sensitive<T>(T);
+
+impl<T> Sensitive<T> {
+    /// Wraps a secret value.
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+
+    /// The secret value, for the one place that writes it where it belongs.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> From<T> for Sensitive<T> {
+    fn from(value: T) -> Self {
+        Self(value)
+    }
+}
+
+impl<T> std::fmt::Debug for Sensitive<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
 /// What goes on the seed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Seed {
     /// The bootstrap provider's `cloud-config` (the Secret's `value`), passed through untouched.
-    pub user_data: Vec<u8>,
+    /// Never printed.
+    pub user_data: Sensitive<Vec<u8>>,
     pub meta_data: MetaData,
     /// Optional NoCloud network-config (v2).
     pub network_config: Option<String>,
@@ -45,7 +75,7 @@ impl Seed {
     /// The seed as an ISO 9660 image.
     pub fn to_iso(&self) -> Result<Vec<u8>, Error> {
         let mut files = vec![
-            file("user-data", self.user_data.clone()),
+            file("user-data", self.user_data.expose().clone()),
             file(
                 "meta-data",
                 serde_yaml::to_string(&self.meta_data)?.into_bytes(),
@@ -90,5 +120,27 @@ fn file(name: &str, contents: Vec<u8>) -> File {
     File::File {
         name: Arc::new(name.to_owned()),
         contents,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_never_prints() {
+        let seed = Seed {
+            user_data: Sensitive::new(b"#cloud-config\ntoken: s3cr3t-marker\n".to_vec()),
+            meta_data: MetaData {
+                instance_id: "i".into(),
+                local_hostname: "h".into(),
+                provider_id: "p".into(),
+            },
+            network_config: None,
+        };
+        let printed = format!("{seed:?} {seed:#?}");
+        assert!(!printed.contains("s3cr3t-marker"), "{printed}");
+        assert!(printed.contains("[redacted]"), "{printed}");
+        assert_eq!(seed.user_data.expose().len(), 35);
     }
 }

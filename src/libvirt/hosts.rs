@@ -1,8 +1,13 @@
 //! One connection per host URI, shared by every reconcile: calls run on tokio's blocking pool,
 //! at most `per_host` at a time per host, and a connection that failed is reopened on next use.
+//!
+//! The per-host permit lives inside the blocking task: cancelling the caller's future (or its
+//! timeout firing) never frees a permit while libvirt is still working for it. Every call has a
+//! timeout; a call that times out drops the connection, so the next call reconnects.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
@@ -10,23 +15,39 @@ use super::uri::HostUri;
 use super::{Error, Host, Result};
 
 struct Slot {
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     host: Mutex<Option<Arc<Host>>>,
 }
+
+/// How long one libvirt call (one closure passed to [`Hosts::run`]) may take by default.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The manager's libvirt connections.
 pub struct Hosts {
     per_host: usize,
+    call_timeout: Duration,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
 }
 
 impl Hosts {
-    /// `per_host`: how many libvirt calls may run at once against one host.
+    /// `per_host`: how many libvirt calls may run at once against one host; calls time out after
+    /// [`DEFAULT_CALL_TIMEOUT`].
     pub fn new(per_host: usize) -> Self {
+        Self::with_timeout(per_host, DEFAULT_CALL_TIMEOUT)
+    }
+
+    /// Like [`Hosts::new`], with a call timeout of `call_timeout`.
+    pub fn with_timeout(per_host: usize, call_timeout: Duration) -> Self {
         Self {
             per_host: per_host.max(1),
+            call_timeout,
             slots: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The timeout of one call.
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
     }
 
     fn slot(&self, uri: &str) -> Arc<Slot> {
@@ -38,7 +59,7 @@ impl Hosts {
             .entry(uri.to_owned())
             .or_insert_with(|| {
                 Arc::new(Slot {
-                    permits: Semaphore::new(self.per_host),
+                    permits: Arc::new(Semaphore::new(self.per_host)),
                     host: Mutex::new(None),
                 })
             })
@@ -48,20 +69,38 @@ impl Hosts {
     /// Runs `f` against the host at `uri` off the async runtime, opening (or reopening) the
     /// connection as needed. A failure that looks like a lost connection drops it, so the next
     /// call reconnects.
+    ///
+    /// The call gives up after the call timeout with [`Error::Timeout`]; the blocking work keeps
+    /// its permit until libvirt returns, so the per-host bound stays honest.
     pub async fn run<T, F>(&self, uri: &HostUri, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Host) -> Result<T> + Send + 'static,
     {
+        self.run_keeping(uri, (), f).await
+    }
+
+    /// Like [`Hosts::run`], and `keep` (e.g. a machine's lock guard) stays alive until the blocking
+    /// work has finished, even when the caller's future is dropped first.
+    pub async fn run_keeping<T, F, K>(&self, uri: &HostUri, keep: K, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Host) -> Result<T> + Send + 'static,
+        K: Send + 'static,
+    {
         let slot = self.slot(uri.as_str());
-        let _permit = slot
+        let permit = slot
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| Error::Closed(uri.to_string()))?;
-        let uri = uri.clone();
+        let owned_uri = uri.clone();
         let worker_slot = slot.clone();
-        tokio::task::spawn_blocking(move || {
+        let work = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let _keep = keep;
+            let uri = owned_uri;
             let host = connected(&worker_slot, &uri)?;
             let result = f(&host);
             if result.as_ref().is_err_and(Error::is_connection_lost) || !host.is_alive() {
@@ -69,9 +108,18 @@ impl Hosts {
                 take(&worker_slot);
             }
             result
-        })
-        .await
-        .map_err(|e| Error::Worker(e.to_string()))?
+        });
+        match tokio::time::timeout(self.call_timeout, work).await {
+            Ok(joined) => joined.map_err(|e| Error::Worker(e.to_string()))?,
+            Err(_) => {
+                tracing::warn!(%uri, after = ?self.call_timeout, "libvirt call timed out; reconnecting on next use");
+                take(&slot);
+                Err(Error::Timeout {
+                    uri: uri.to_string(),
+                    after: self.call_timeout,
+                })
+            }
+        }
     }
 
     /// How many hosts have an open connection.

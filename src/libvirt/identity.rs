@@ -1,5 +1,8 @@
-//! A machine's identity on a host, derived only from its Kubernetes identity, so that every step
-//! of creation can be repeated after a crash and finds what the previous attempt made.
+//! A machine's identity on a host: its namespace, name and a UUID persisted in the object. The
+//! UUID is derived once from the object's UID ([`MachineIdentity::uuid_for_uid`]) and stored
+//! before the first hypervisor side effect; from then on everything (domain name, volume prefix,
+//! MACs) derives from (namespace, name, UUID), so the machine is found again after a crash and
+//! after `clusterctl move` (which gives the object a new UID and no status).
 
 use std::fmt;
 
@@ -16,26 +19,36 @@ const UUID_NAMESPACE: Uuid = Uuid::from_bytes([
 const MAX_NAME: usize = 96;
 
 /// Who a virtual machine belongs to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct MachineIdentity {
+    /// Namespace of the LibvirtMachine.
     pub namespace: String,
+    /// Name of the LibvirtMachine.
     pub name: String,
-    /// `metadata.uid` of the LibvirtMachine: unique across re-creations of the same name.
-    pub uid: String,
+    /// The domain's UUID, as persisted in the object (see [`MachineIdentity::uuid_for_uid`]).
+    pub uuid: Uuid,
 }
 
 impl MachineIdentity {
-    pub fn new(namespace: &str, name: &str, uid: &str) -> Self {
+    /// The identity of the machine `namespace/name` whose persisted UUID is `uuid`.
+    pub fn new(namespace: &str, name: &str, uuid: Uuid) -> Self {
         Self {
             namespace: namespace.into(),
             name: name.into(),
-            uid: uid.into(),
+            uuid,
         }
     }
 
-    /// The domain's UUID: a v5 UUID of the object's UID. Lookups by UUID make creation idempotent.
+    /// The UUID a new machine gets: a v5 UUID of the object's `metadata.uid` (unique across
+    /// re-creations of the same name). The controller computes it once and persists it; machines
+    /// created before it was persisted have exactly this UUID, so they keep being found.
+    pub fn uuid_for_uid(uid: &str) -> Uuid {
+        Uuid::new_v5(&UUID_NAMESPACE, uid.as_bytes())
+    }
+
+    /// The domain's UUID. Lookups by UUID make creation idempotent.
     pub fn domain_uuid(&self) -> Uuid {
-        Uuid::new_v5(&UUID_NAMESPACE, self.uid.as_bytes())
+        self.uuid
     }
 
     /// `<namespace>_<name>_<8 hex digits of the UUID>`: readable, and unique per object even when
@@ -61,7 +74,7 @@ impl MachineIdentity {
 
     /// A MAC for `interface`, stable across re-creation of the VM but new for a new object, so a
     /// DHCP lease of an earlier machine is never mistaken for this one's. Locally administered
-    /// unicast (`02:…`), 40 bits from the UID.
+    /// unicast (`02:…`), 40 bits from the UUID.
     pub fn mac(&self, interface: &str) -> Mac {
         let id = Uuid::new_v5(&self.domain_uuid(), interface.as_bytes());
         let b = id.as_bytes();
@@ -86,16 +99,17 @@ mod tests {
 
     #[test]
     fn identity_is_deterministic_and_distinct() {
+        let uuid = |uid| MachineIdentity::uuid_for_uid(uid);
         let a = MachineIdentity::new(
             "default",
             "worker-1",
-            "0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c",
+            uuid("0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c"),
         );
         let again = a.clone();
         let b = MachineIdentity::new(
             "default",
             "worker-1",
-            "1b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c",
+            uuid("1b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c"),
         );
         assert_eq!(a.domain_uuid(), again.domain_uuid());
         assert_ne!(
@@ -128,9 +142,28 @@ mod tests {
     #[test]
     fn long_names_are_shortened_but_stay_unique() {
         let long = "x".repeat(253);
-        let a = MachineIdentity::new("ns", &long, "uid-a");
-        let b = MachineIdentity::new("ns", &long, "uid-b");
+        let a = MachineIdentity::new("ns", &long, MachineIdentity::uuid_for_uid("uid-a"));
+        let b = MachineIdentity::new("ns", &long, MachineIdentity::uuid_for_uid("uid-b"));
         assert!(a.domain_name().len() <= MAX_NAME);
         assert_ne!(a.domain_name(), b.domain_name());
+    }
+
+    #[test]
+    fn the_uuid_derivation_never_changes() {
+        // Domains on running hosts were created with these UUIDs.
+        assert_eq!(
+            MachineIdentity::uuid_for_uid("0b3c7a52-7c1f-4f5e-9c55-2f5d7f0a1b2c").to_string(),
+            "59564898-aad4-581d-adec-745ad193770f"
+        );
+        let moved = MachineIdentity::new(
+            "default",
+            "worker-1",
+            MachineIdentity::uuid_for_uid("old-uid"),
+        );
+        assert!(
+            moved
+                .domain_name()
+                .ends_with(&moved.uuid.simple().to_string()[..8])
+        );
     }
 }

@@ -1,8 +1,13 @@
 //! The only code that talks to hypervisors. Calls into libvirt are blocking FFI: callers on the
 //! async runtime go through [`tokio::task::spawn_blocking`].
 //!
-//! - [`backend`]: the async interface the controllers use, the same for every driver;
-//! - [`identity`]: names, UUIDs and MACs derived from the owning object (idempotent creation);
+//! - [`backend`]: the [`backend::Backend`] trait controllers use, and its typed requests and
+//!   results;
+//! - [`live`]: [`live::LibvirtBackend`], the backend on libvirt (real hosts and the test driver);
+//! - [`fake`]: [`fake::FakeBackend`], an in-memory backend with fault injection for controller tests;
+//! - [`error`]: the backend's one error type (failed step, kind, sanitised message);
+//! - [`tasks`]: per-machine locks and background work keyed by machine;
+//! - [`identity`]: names, MACs and volume prefixes derived from a machine's persisted UUID;
 //! - [`xml`]: domain XML from typed structs;
 //! - [`machine`]: idempotent create, leak-free delete and inventory of a machine on a host;
 //! - [`hosts`]: one shared connection per host URI, reconnecting, with bounded concurrency;
@@ -11,18 +16,23 @@
 //! - [`provision`]: machine creation as idempotent, crash-safe steps.
 
 pub mod backend;
+pub mod error;
+pub mod fake;
 pub mod hosts;
 pub mod identity;
 pub mod image;
+pub mod live;
 pub mod machine;
 pub mod provision;
 pub mod qcow2;
+pub mod tasks;
 pub mod uri;
 pub mod volumes;
 pub mod xml;
 
 use std::fmt;
 use std::sync::Once;
+use std::time::Duration;
 
 use virt::connect::Connect;
 
@@ -46,6 +56,13 @@ pub enum Error {
     Closed(String),
     #[error("a libvirt worker task failed: {0}")]
     Worker(String),
+    #[error("libvirt call on {uri} did not return within {after:?}")]
+    Timeout {
+        uri: String,
+        after: std::time::Duration,
+    },
+    #[error("{0}")]
+    Conflict(String),
     #[error("libvirt call {call} on {uri}: {error}")]
     Call {
         call: &'static str,
@@ -66,7 +83,7 @@ impl Error {
     pub fn is_connection_lost(&self) -> bool {
         use virt::error::{ErrorDomain, ErrorNumber};
         match self {
-            Error::Connect { .. } => true,
+            Error::Connect { .. } | Error::Timeout { .. } => true,
             Error::Call { error, .. } => {
                 matches!(
                     error.code().known(),
@@ -114,6 +131,32 @@ impl fmt::Display for HostVersions {
     }
 }
 
+/// Seconds between keepalive probes on remote connections.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered probes after which a remote connection counts as dead.
+pub const KEEPALIVE_COUNT: u32 = 3;
+
+/// Registers libvirt's default event loop implementation and runs it on a dedicated thread.
+fn start_event_loop() {
+    if let Err(error) = virt::event::event_register_default_impl() {
+        tracing::warn!(%error, "libvirt event loop unavailable; dead remote hosts are noticed only by call timeouts");
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("libvirt-events".into())
+        .spawn(|| {
+            loop {
+                if let Err(error) = virt::event::event_run_default_impl() {
+                    tracing::warn!(%error, "libvirt event loop iteration failed");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "could not start the libvirt event loop thread");
+    }
+}
+
 /// One open connection to one libvirt host.
 pub struct Host {
     uri: String,
@@ -130,13 +173,26 @@ impl Host {
     /// Opens a connection (blocking). Libvirt's own error printing to stderr is switched off:
     /// errors reach callers as values and are logged once, by them.
     /// Only a [`HostUri`] (checked against the allowlist) can be opened.
+    ///
+    /// Libvirt's default event loop runs on a thread of its own (started once, before the first
+    /// connection), so keepalive probes flow and a remote peer that died is noticed; remote
+    /// connections get a keepalive of [`KEEPALIVE_INTERVAL`] × [`KEEPALIVE_COUNT`].
     pub fn open(uri: &HostUri) -> Result<Self> {
         static QUIET: Once = Once::new();
-        QUIET.call_once(virt::error::clear_error_callback);
+        QUIET.call_once(|| {
+            virt::error::clear_error_callback();
+            start_event_loop();
+        });
         let conn = Connect::open(Some(uri.as_str())).map_err(|error| Error::Connect {
             uri: uri.to_string(),
             error,
         })?;
+        // Local and test drivers have no keepalive; only remote transports need it.
+        if let Err(error) =
+            conn.set_keep_alive(KEEPALIVE_INTERVAL.as_secs() as i32, KEEPALIVE_COUNT)
+        {
+            tracing::debug!(%uri, %error, "no keepalive on this connection");
+        }
         Ok(Self {
             uri: uri.to_string(),
             conn,

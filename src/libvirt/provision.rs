@@ -5,105 +5,44 @@
 
 use std::sync::Arc;
 
+use super::backend::{BaseImage, Bootstrap, BootstrapDelivery, MachineRequest, MachineState};
+use super::error::{BackendError, ErrorKind, Step};
 use super::hosts::Hosts;
-use super::identity::MachineIdentity;
-use super::image::{self, ImageCache, ImageRequest};
+use super::image::{self, ImageCache};
 use super::machine::DomainStatus;
-use super::uri::HostUri;
-use super::xml::{DirectBoot, DiskPlan, DomainPlan, InterfacePlan, VolumePlan};
+use super::tasks::MachineGuard;
+use super::xml::{DiskPlan, DomainPlan, Hypervisor, VolumePlan};
 use super::{Error, Host};
-use crate::cloudinit::Seed;
-
-/// Errors of provisioning.
-#[derive(Debug, thiserror::Error)]
-pub enum ProvisionError {
-    #[error(transparent)]
-    Libvirt(#[from] Error),
-    #[error(transparent)]
-    Image(#[from] image::Error),
-    #[error(transparent)]
-    Bootstrap(#[from] crate::cloudinit::Error),
-}
-
-/// Where the root disk's content comes from.
-#[derive(Clone, Debug, PartialEq)]
-pub enum BaseImage {
-    /// Downloaded once per host and pool.
-    Url(ImageRequest),
-    /// A volume already on the host.
-    Volume { pool: String, name: String },
-}
-
-/// Bootstrap data in the format the bootstrap provider wrote.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Bootstrap {
-    /// `cloud-config`: delivered on a NoCloud seed ISO attached as a CD-ROM.
-    CloudConfig(Seed),
-    /// `ignition`: delivered through QEMU fw_cfg `opt/com.coreos/config`.
-    Ignition(Vec<u8>),
-}
-
-/// Everything needed to create one machine on one host.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MachineRequest {
-    pub identity: MachineIdentity,
-    pub cluster: String,
-    pub domain_type: String,
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub cpu_mode: String,
-    pub uefi: bool,
-    /// Pool of the root disk and the bootstrap volume.
-    pub pool: String,
-    pub image: BaseImage,
-    pub root_gib: u64,
-    /// (name, GiB, pool) of each data disk.
-    pub data_volumes: Vec<(String, u64, String)>,
-    pub interfaces: Vec<InterfacePlan>,
-    pub bootstrap: Option<Bootstrap>,
-    /// Boot a kernel directly (tests and appliance images); `None` boots the root disk.
-    pub direct_boot: Option<DirectBoot>,
-}
-
-/// The steps of creation, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    BaseImage,
-    RootVolume,
-    DataVolumes,
-    Bootstrap,
-    Define,
-    Start,
-}
-
-impl Step {
-    pub const ALL: [Step; 6] = [
-        Step::BaseImage,
-        Step::RootVolume,
-        Step::DataVolumes,
-        Step::Bootstrap,
-        Step::Define,
-        Step::Start,
-    ];
-}
 
 const IGNITION_FW_CFG: &str = "opt/com.coreos/config";
 
+/// Why the test driver cannot deliver bootstrap data.
+pub const TEST_DRIVER_CANNOT_DELIVER: &str = "the test driver cannot store volume content";
+
 impl MachineRequest {
-    fn root_name(&self) -> String {
+    pub(super) fn root_name(&self) -> String {
         self.identity.volume_name("root", "qcow2")
     }
 
-    fn data_name(&self, disk: &str) -> String {
+    pub(super) fn data_name(&self, disk: &str) -> String {
         self.identity.volume_name(&format!("data-{disk}"), "qcow2")
     }
 
-    fn seed_name(&self) -> String {
+    pub(super) fn seed_name(&self) -> String {
         self.identity.volume_name("seed", "iso")
     }
 
-    fn ignition_name(&self) -> String {
+    pub(super) fn ignition_name(&self) -> String {
         self.identity.volume_name("ignition", "json")
+    }
+
+    /// Name of the volume the bootstrap data goes to.
+    fn bootstrap_volume(&self) -> Option<String> {
+        match self.bootstrap {
+            Some(Bootstrap::CloudConfig(_)) => Some(self.seed_name()),
+            Some(Bootstrap::Ignition(_)) => Some(self.ignition_name()),
+            None => None,
+        }
     }
 
     /// Volume name of the serial console log, kept beside the root disk so the backend can read
@@ -112,28 +51,47 @@ impl MachineRequest {
         self.identity.volume_name("serial", "log")
     }
 
-    /// Every pool the machine may own volumes in (for delete and inventory).
-    pub fn pools(&self) -> Vec<String> {
-        let mut pools = vec![self.pool.clone()];
-        pools.extend(self.data_volumes.iter().map(|(_, _, pool)| pool.clone()));
-        pools.sort();
-        pools.dedup();
-        pools
+    /// What happens to the bootstrap data on this request's host: the test driver cannot hold
+    /// volume content, and the result says so.
+    pub fn bootstrap_delivery(&self) -> Option<BootstrapDelivery> {
+        let bootstrap = self.bootstrap.as_ref()?;
+        let volume = self.bootstrap_volume()?;
+        Some(if self.host.uri.is_test_driver() {
+            BootstrapDelivery::NotDelivered {
+                reason: TEST_DRIVER_CANNOT_DELIVER.into(),
+                bytes: bootstrap.len() as u64,
+            }
+        } else {
+            BootstrapDelivery::Delivered { volume }
+        })
+    }
+
+    /// The state of the machine once its domain is `domain`.
+    pub fn state(&self, domain: DomainStatus) -> MachineState {
+        MachineState {
+            domain,
+            bootstrap: self.bootstrap_delivery(),
+        }
     }
 
     /// The domain definition; `ignition_path` is the host path of the uploaded Ignition config,
     /// `serial_log` where the console log goes.
-    fn domain_plan(&self, ignition_path: Option<String>, serial_log: Option<String>) -> DomainPlan {
+    fn domain_plan(
+        &self,
+        hypervisor: Hypervisor,
+        ignition_path: Option<String>,
+        serial_log: Option<String>,
+    ) -> DomainPlan {
         let mut disks = vec![DiskPlan {
             pool: self.pool.clone(),
             volume: self.root_name(),
             target: "vda".into(),
             cdrom: false,
         }];
-        for (i, (name, _, pool)) in self.data_volumes.iter().enumerate() {
+        for (i, disk) in self.data_disks.iter().enumerate() {
             disks.push(DiskPlan {
-                pool: pool.clone(),
-                volume: self.data_name(name),
+                pool: disk.pool.clone(),
+                volume: self.data_name(&disk.name),
                 target: format!("vd{}", char::from(b'b' + i as u8)),
                 cdrom: false,
             });
@@ -149,11 +107,11 @@ impl MachineRequest {
         DomainPlan {
             identity: self.identity.clone(),
             cluster: self.cluster.clone(),
-            domain_type: self.domain_type.clone(),
+            hypervisor,
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
-            cpu_mode: self.cpu_mode.clone(),
-            uefi: self.uefi,
+            cpu_mode: self.cpu_mode,
+            firmware: self.firmware,
             disks,
             interfaces: self.interfaces.clone(),
             serial_log,
@@ -165,30 +123,50 @@ impl MachineRequest {
     }
 }
 
-/// Creates the machine: every step in order.
+/// Creates the machine: every step in order (no machine lock; the backend's background task
+/// holds one).
 pub async fn provision(
     hosts: &Arc<Hosts>,
     images: &ImageCache,
-    uri: &HostUri,
     request: &MachineRequest,
-) -> Result<DomainStatus, ProvisionError> {
+) -> Result<MachineState, BackendError> {
     let mut status = None;
-    for step in Step::ALL {
-        status = run_step(hosts, images, uri, request, step)
+    for step in Step::CREATE {
+        status = run_step(hosts, images, request, step, None)
             .await?
             .or(status);
     }
-    status.ok_or_else(|| Error::Missing("the domain after provisioning".into()).into())
+    status.map(|s| request.state(s)).ok_or_else(|| {
+        BackendError::new(
+            ErrorKind::Transient,
+            Some(Step::Start),
+            "no domain after provisioning",
+        )
+    })
 }
 
-/// Runs one step; `Start` returns the domain's status.
+/// Runs one step; `Start` returns the domain's status. `guard`, when given, is kept alive by every
+/// blocking libvirt call the step makes.
 pub async fn run_step(
     hosts: &Arc<Hosts>,
     images: &ImageCache,
-    uri: &HostUri,
     request: &MachineRequest,
     step: Step,
-) -> Result<Option<DomainStatus>, ProvisionError> {
+    guard: Option<MachineGuard>,
+) -> Result<Option<DomainStatus>, BackendError> {
+    run_step_inner(hosts, images, request, step, guard)
+        .await
+        .map_err(|e| e.at(step))
+}
+
+async fn run_step_inner(
+    hosts: &Arc<Hosts>,
+    images: &ImageCache,
+    request: &MachineRequest,
+    step: Step,
+    guard: Option<MachineGuard>,
+) -> Result<Option<DomainStatus>, BackendError> {
+    let uri = &request.host.uri;
     let req = request.clone();
     match step {
         Step::BaseImage => {
@@ -198,58 +176,68 @@ pub async fn run_step(
             Ok(None)
         }
         Step::RootVolume => {
-            let backing = match &request.image {
-                BaseImage::Url(image) => (request.pool.clone(), image.volume_name(), image.format),
-                BaseImage::Volume { pool, name } => {
-                    (pool.clone(), name.clone(), crate::api::ImageFormat::Qcow2)
-                }
+            // A URL image is in the cache after the previous step: this returns its path at once.
+            let cached = match &request.image {
+                BaseImage::Url(image) => Some(images.ensure(uri, &request.pool, image).await?),
+                BaseImage::Volume { .. } => None,
             };
             hosts
-                .run(uri, move |host| {
+                .run_keeping(uri, guard, move |host| {
                     if host.volume_exists(&req.pool, &req.root_name())? {
-                        return Ok(None);
+                        return Ok(Ok(None));
                     }
-                    let (pool, name, format) = backing;
-                    let path = host.volume_path(&pool, &name)?;
+                    let backing = match (&req.image, cached) {
+                        (BaseImage::Url(image), Some(path)) => (path, image.format),
+                        (BaseImage::Volume { pool, name }, _) => {
+                            let format = match image::check_base_volume(host, pool, name) {
+                                Ok(format) => format,
+                                Err(error) => return Ok(Err(BackendError::from(error))),
+                            };
+                            (host.volume_path(pool, name)?, format)
+                        }
+                        (BaseImage::Url(_), None) => {
+                            return Err(Error::Missing("the cached base image".into()));
+                        }
+                    };
                     let xml = VolumePlan {
                         name: req.root_name(),
                         capacity_gib: req.root_gib,
                         format: "qcow2".into(),
-                        backing: Some((path, format.as_str().into())),
+                        backing: Some((backing.0, backing.1.as_str().into())),
                     }
                     .to_xml()
                     .map_err(|e| Error::Xml(e.to_string()))?;
                     host.ensure_volume(&req.pool, &req.root_name(), &xml)?;
-                    Ok(None)
+                    Ok(Ok(None))
                 })
-                .await
-                .map_err(Into::into)
+                .await?
         }
-        Step::DataVolumes => hosts
-            .run(uri, move |host| {
-                for (disk, gib, pool) in &req.data_volumes {
+        Step::DataVolumes => Ok(hosts
+            .run_keeping(uri, guard, move |host| {
+                for disk in &req.data_disks {
                     let xml = VolumePlan {
-                        name: req.data_name(disk),
-                        capacity_gib: *gib,
+                        name: req.data_name(&disk.name),
+                        capacity_gib: disk.size_gib,
                         format: "qcow2".into(),
                         backing: None,
                     }
                     .to_xml()
                     .map_err(|e| Error::Xml(e.to_string()))?;
-                    host.ensure_volume(pool, &req.data_name(disk), &xml)?;
+                    host.ensure_volume(&disk.pool, &req.data_name(&disk.name), &xml)?;
                 }
                 Ok(None)
             })
-            .await
-            .map_err(Into::into),
+            .await?),
         Step::Bootstrap => {
             let payload = match &request.bootstrap {
                 None => return Ok(None),
                 Some(Bootstrap::CloudConfig(seed)) => (request.seed_name(), seed.to_iso()?),
-                Some(Bootstrap::Ignition(config)) => (request.ignition_name(), config.clone()),
+                Some(Bootstrap::Ignition(config)) => {
+                    (request.ignition_name(), config.expose().clone())
+                }
             };
-            hosts
-                .run(uri, move |host| {
+            Ok(hosts
+                .run_keeping(uri, guard, move |host| {
                     // Once the domain exists its bootstrap data is in place: never rewrite it
                     // under a running guest.
                     if host.find_domain(&req.identity)?.is_some() {
@@ -264,26 +252,34 @@ pub async fn run_step(
                     }
                     .to_xml()
                     .map_err(|e| Error::Xml(e.to_string()))?;
-                    host.replace_volume_with(&req.pool, &name, &xml, bytes)?;
+                    if host.is_test_driver() {
+                        // The volume exists (the definition refers to it), its content cannot:
+                        // the machine's state reports the data as not delivered.
+                        host.ensure_volume(&req.pool, &name, &xml)?;
+                    } else {
+                        host.replace_volume_with(&req.pool, &name, &xml, bytes)?;
+                    }
                     Ok(None)
                 })
-                .await
-                .map_err(Into::into)
+                .await?)
         }
-        Step::Define => hosts
-            .run(uri, move |host| {
+        Step::Define => Ok(hosts
+            .run_keeping(uri, guard, move |host| {
                 define(host, &req)?;
                 Ok(None)
             })
-            .await
-            .map_err(Into::into),
-        Step::Start => hosts
-            .run(uri, move |host| {
+            .await?),
+        Step::Start => Ok(hosts
+            .run_keeping(uri, guard, move |host| {
                 let plan = domain_plan_on(host, &req)?;
                 host.ensure_domain(&plan).map(Some)
             })
-            .await
-            .map_err(Into::into),
+            .await?),
+        other => Err(BackendError::new(
+            ErrorKind::Invalid,
+            Some(other),
+            "not a creation step",
+        )),
     }
 }
 
@@ -292,15 +288,17 @@ fn domain_plan_on(host: &Host, req: &MachineRequest) -> Result<DomainPlan, Error
         Some(Bootstrap::Ignition(_)) => Some(host.volume_path(&req.pool, &req.ignition_name())?),
         _ => None,
     };
-    // The log lives in the root disk's directory when the pool is a directory.
-    let serial_log = host
-        .volume_path(&req.pool, &req.root_name())
-        .ok()
-        .and_then(|root| {
-            let dir = std::path::Path::new(&root).parent()?.to_owned();
-            Some(dir.join(req.serial_log_name()).display().to_string())
-        });
-    Ok(req.domain_plan(ignition_path, serial_log))
+    // The log lives in the root disk's directory (the root disk exists by now).
+    let root = host.volume_path(&req.pool, &req.root_name())?;
+    let serial_log = std::path::Path::new(&root)
+        .parent()
+        .map(|dir| dir.join(req.serial_log_name()).display().to_string());
+    let hypervisor = if host.is_test_driver() {
+        Hypervisor::Test
+    } else {
+        req.host.domain_type.into()
+    };
+    Ok(req.domain_plan(hypervisor, ignition_path, serial_log))
 }
 
 fn define(host: &Host, req: &MachineRequest) -> Result<(), Error> {

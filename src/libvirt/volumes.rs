@@ -4,6 +4,7 @@
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
+use virt::sys;
 
 use super::machine::is_not_found;
 use super::{Error, Host, Result};
@@ -11,7 +12,9 @@ use super::{Error, Host, Result};
 /// Free and total bytes of a storage pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolSpace {
+    /// Total bytes.
     pub capacity: u64,
+    /// Free bytes.
     pub available: u64,
 }
 
@@ -134,6 +137,51 @@ impl Host {
         let Some(vol) = self.volume(pool, name)? else {
             return Ok(Vec::new());
         };
+        self.tail_of(&vol, max)
+    }
+
+    /// The last `max` bytes of the volume at host path `path`; empty when no pool holds it
+    /// (pools are refreshed once to pick up files QEMU created).
+    pub fn download_tail_at(&self, path: &str, max: u64) -> Result<Vec<u8>> {
+        let lookup = || match self.connection().lookup_storage_vol_by_path(path) {
+            Ok(vol) => Ok(Some(vol)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(error) => Err(self.call("virStorageVolLookupByPath", error)),
+        };
+        let vol = match lookup()? {
+            Some(vol) => Some(vol),
+            None => {
+                self.refresh_active_pools()?;
+                lookup()?
+            }
+        };
+        match vol {
+            Some(vol) => self.tail_of(&vol, max),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Refreshes every active pool (files created behind libvirt's back become volumes).
+    pub fn refresh_active_pools(&self) -> Result<()> {
+        let pools = self
+            .connection()
+            .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            .map_err(|error| self.call("virConnectListAllStoragePools", error))?;
+        for pool in pools {
+            match pool.refresh(0) {
+                Err(e) if super::machine::is_busy(&e) => {
+                    tracing::debug!(uri = self.uri(), error = %e, "pool busy; not refreshed");
+                }
+                Err(e) if !is_not_found(&e) => {
+                    return Err(self.call("virStoragePoolRefresh", e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn tail_of(&self, vol: &StorageVol, max: u64) -> Result<Vec<u8>> {
         let size = vol
             .info()
             .map_err(|error| self.call("virStorageVolGetInfo", error))?

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use super::identity::{Mac, MachineIdentity};
+use crate::api::{CpuMode, DomainType, Firmware, NicModel};
 
 /// XML namespace of the metadata element recording the owning object.
 pub const METADATA_NAMESPACE: &str =
@@ -16,13 +17,17 @@ pub struct DomainPlan {
     pub identity: MachineIdentity,
     /// Name of the owning Cluster API cluster.
     pub cluster: String,
-    /// `kvm`, `qemu` or (for `test://` hosts) `test`.
-    pub domain_type: String,
+    /// The hypervisor the domain runs on.
+    pub hypervisor: Hypervisor,
+    /// Virtual CPUs.
     pub vcpus: u32,
+    /// Memory in MiB.
     pub memory_mib: u64,
-    /// `host-passthrough`, `host-model` or `maximum`.
-    pub cpu_mode: String,
-    pub uefi: bool,
+    /// The CPU model exposed to the guest (TCG turns host modes into `maximum`).
+    pub cpu_mode: CpuMode,
+    /// Boot firmware.
+    pub firmware: Firmware,
+    /// Disks, in target order.
     pub disks: Vec<DiskPlan>,
     pub interfaces: Vec<InterfacePlan>,
     /// Where the host keeps the serial console's log (boot diagnostics).
@@ -34,35 +39,94 @@ pub struct DomainPlan {
     pub direct_boot: Option<DirectBoot>,
 }
 
+/// The domain type: the API's [`DomainType`] on real hosts, `test` on libvirt's test driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hypervisor {
+    /// Hardware virtualisation.
+    Kvm,
+    /// Software emulation (TCG).
+    Qemu,
+    /// Libvirt's in-process test driver.
+    Test,
+}
+
+impl From<DomainType> for Hypervisor {
+    fn from(value: DomainType) -> Self {
+        match value {
+            DomainType::Kvm => Hypervisor::Kvm,
+            DomainType::Qemu => Hypervisor::Qemu,
+        }
+    }
+}
+
+impl Hypervisor {
+    fn as_str(self) -> &'static str {
+        match self {
+            Hypervisor::Kvm => "kvm",
+            Hypervisor::Qemu => "qemu",
+            Hypervisor::Test => "test",
+        }
+    }
+}
+
+fn cpu_mode_str(mode: CpuMode) -> &'static str {
+    match mode {
+        CpuMode::HostPassthrough => "host-passthrough",
+        CpuMode::HostModel => "host-model",
+        CpuMode::Maximum => "maximum",
+    }
+}
+
+fn nic_model_str(model: NicModel) -> &'static str {
+    match model {
+        NicModel::Virtio => "virtio",
+        NicModel::E1000 => "e1000",
+        NicModel::E1000e => "e1000e",
+        NicModel::Rtl8139 => "rtl8139",
+    }
+}
+
 /// Kernel, initrd and command line on the host, booted directly.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DirectBoot {
+    /// Host path of the kernel.
     pub kernel: String,
+    /// Host path of the initrd.
     pub initrd: String,
+    /// Kernel command line.
     pub cmdline: String,
 }
 
 /// A disk backed by a storage volume.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DiskPlan {
+    /// Pool of the volume.
     pub pool: String,
+    /// Name of the volume.
     pub volume: String,
     /// Guest device name (`vda`, `vdb`, … or `sda` for the CD-ROM).
     pub target: String,
+    /// A read-only CD-ROM (the NoCloud seed) instead of a virtio disk.
     pub cdrom: bool,
 }
 
 /// A NIC on a libvirt network or a host bridge.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InterfacePlan {
+    /// What the NIC is plugged into.
     pub source: InterfaceSource,
+    /// Its MAC address.
     pub mac: Mac,
-    pub model: String,
+    /// The emulated device.
+    pub model: NicModel,
 }
 
+/// What a NIC is plugged into.
 #[derive(Clone, Debug, PartialEq)]
 pub enum InterfaceSource {
+    /// A libvirt network, by name.
     Network(String),
+    /// A host bridge, by name.
     Bridge(String),
 }
 
@@ -101,8 +165,6 @@ struct MachineMetadata {
     namespace: String,
     #[serde(rename = "capl:name")]
     name: String,
-    #[serde(rename = "capl:uid")]
-    uid: String,
     #[serde(rename = "capl:cluster")]
     cluster: String,
 }
@@ -290,17 +352,17 @@ struct ChannelTarget {
 impl DomainPlan {
     /// The CPU mode libvirt can honour: software emulation (`qemu` domains) has no host CPU to
     /// pass through or model, so those modes become `maximum` there.
-    pub fn effective_cpu_mode(&self) -> &str {
-        match (self.domain_type.as_str(), self.cpu_mode.as_str()) {
-            ("qemu", "host-passthrough" | "host-model") => "maximum",
-            (_, mode) => mode,
+    pub fn effective_cpu_mode(&self) -> &'static str {
+        match (self.hypervisor, self.cpu_mode) {
+            (Hypervisor::Qemu, CpuMode::HostPassthrough | CpuMode::HostModel) => "maximum",
+            (_, mode) => cpu_mode_str(mode),
         }
     }
 
     /// The domain XML for this plan.
     pub fn to_xml(&self) -> Result<String, quick_xml::SeError> {
         let domain = Domain {
-            kind: self.domain_type.clone(),
+            kind: self.hypervisor.as_str().to_owned(),
             name: self.identity.domain_name(),
             uuid: self.identity.domain_uuid().to_string(),
             metadata: Metadata {
@@ -308,7 +370,6 @@ impl DomainPlan {
                     xmlns: METADATA_NAMESPACE,
                     namespace: self.identity.namespace.clone(),
                     name: self.identity.name.clone(),
-                    uid: self.identity.uid.clone(),
                     cluster: self.cluster.clone(),
                 },
             },
@@ -321,7 +382,7 @@ impl DomainPlan {
                 mode: self.effective_cpu_mode().to_owned(),
             },
             os: Os {
-                firmware: self.uefi.then_some("efi"),
+                firmware: (self.firmware == Firmware::Uefi).then_some("efi"),
                 kind: OsType {
                     arch: "x86_64",
                     value: "hvm",
@@ -425,7 +486,7 @@ fn interface(plan: &InterfacePlan) -> Interface {
         },
         source,
         model: Model {
-            kind: plan.model.clone(),
+            kind: nic_model_str(plan.model).to_owned(),
         },
     }
 }
@@ -433,7 +494,9 @@ fn interface(plan: &InterfacePlan) -> Interface {
 /// A storage volume to create: empty, or a copy-on-write overlay on a backing image.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VolumePlan {
+    /// Volume name.
     pub name: String,
+    /// Capacity in GiB.
     pub capacity_gib: u64,
     /// `qcow2` or `raw`.
     pub format: String,
@@ -498,5 +561,185 @@ impl VolumePlan {
             }),
         };
         quick_xml::se::to_string(&volume)
+    }
+}
+
+/// The owner recorded in a domain's `capl:machine` metadata element.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordedOwner {
+    /// Namespace of the LibvirtMachine.
+    pub namespace: String,
+    /// Name of the LibvirtMachine.
+    pub name: String,
+    /// Name of the Cluster API cluster.
+    pub cluster: String,
+}
+
+/// Reads our metadata element (as `virDomainGetMetadata` returns it, or anywhere in a whole
+/// domain XML); `None` when the domain has none.
+pub fn parse_owner(xml: &str) -> Option<RecordedOwner> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut inside = false;
+    let mut field: Option<Vec<u8>> = None;
+    let mut owner = RecordedOwner::default();
+    loop {
+        match reader.read_event() {
+            Ok(Event::Start(e)) => {
+                let local = e.local_name().as_ref().as_bytes().to_vec();
+                if local == b"machine" {
+                    inside = true;
+                } else if inside {
+                    field = Some(local);
+                }
+            }
+            Ok(Event::End(e)) => {
+                if e.local_name().as_ref() == "machine" && inside {
+                    return (!owner.name.is_empty()).then_some(owner);
+                }
+                field = None;
+            }
+            Ok(Event::Text(t)) => {
+                if let (true, Some(f)) = (inside, field.as_deref()) {
+                    let text = t.xml10_content().into_owned();
+                    match f {
+                        b"namespace" => owner.namespace.push_str(&text),
+                        b"name" => owner.name.push_str(&text),
+                        b"cluster" => owner.cluster.push_str(&text),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(Event::GeneralRef(r)) => {
+                if let (true, Some(f)) = (inside, field.as_deref()) {
+                    let name = r.xml10_content().into_owned();
+                    let text = quick_xml::escape::unescape(&format!("&{name};"))
+                        .map(|c| c.into_owned())
+                        .unwrap_or_default();
+                    match f {
+                        b"namespace" => owner.namespace.push_str(&text),
+                        b"name" => owner.name.push_str(&text),
+                        b"cluster" => owner.cluster.push_str(&text),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(Event::Eof) | Err(_) => return None,
+            _ => {}
+        }
+    }
+}
+
+/// Host files and volumes a domain definition refers to: where its volumes are, whatever pools
+/// a caller knows about.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DomainSources {
+    /// (pool, volume) of `type='volume'` disks.
+    pub volumes: Vec<(String, String)>,
+    /// Host paths: file disks, fw_cfg entries, the serial console log.
+    pub paths: Vec<String>,
+    /// The serial console's log file.
+    pub serial_log: Option<String>,
+}
+
+/// The serial console's log file named in a domain XML.
+pub fn parse_serial_log(xml: &str) -> Option<String> {
+    parse_sources(xml).serial_log
+}
+
+/// Parses the sources out of a domain XML.
+pub fn parse_sources(xml: &str) -> DomainSources {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut sources = DomainSources::default();
+    let mut stack: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let event = reader.read_event();
+        let (element, empty) = match &event {
+            Ok(Event::Start(e)) => (Some(e.clone()), false),
+            Ok(Event::Empty(e)) => (Some(e.clone()), true),
+            Ok(Event::End(_)) => {
+                stack.pop();
+                continue;
+            }
+            Ok(Event::Eof) | Err(_) => break,
+            _ => continue,
+        };
+        let Some(e) = element else { continue };
+        let name = e.local_name().as_ref().as_bytes().to_vec();
+        let parent = stack.last().map(Vec::as_slice);
+        let value = |key: &[u8]| -> Option<String> {
+            e.attributes().flatten().find_map(|a| {
+                (a.key.as_ref().as_bytes() == key).then(|| {
+                    a.normalized_value(quick_xml::XmlVersion::default())
+                        .map(|v| v.into_owned())
+                        .unwrap_or_default()
+                })
+            })
+        };
+        match (parent, name.as_slice()) {
+            (Some(b"disk"), b"source") => {
+                if let (Some(pool), Some(volume)) = (value(b"pool"), value(b"volume")) {
+                    sources.volumes.push((pool, volume));
+                } else if let Some(file) = value(b"file") {
+                    sources.paths.push(file);
+                }
+            }
+            (Some(b"serial"), b"log") => {
+                if let Some(file) = value(b"file") {
+                    sources.serial_log.get_or_insert(file.clone());
+                    sources.paths.push(file);
+                }
+            }
+            (Some(b"sysinfo"), b"entry") | (Some(b"console"), b"log") => {
+                if let Some(file) = value(b"file") {
+                    sources.paths.push(file);
+                }
+            }
+            _ => {}
+        }
+        if !empty {
+            stack.push(name);
+        }
+    }
+    sources.paths.sort();
+    sources.paths.dedup();
+    sources
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_and_sources_read_back_from_libvirt_xml() {
+        let owner = parse_owner(&format!(
+            "<capl:machine xmlns:capl=\"{METADATA_NAMESPACE}\"><capl:namespace>ns</capl:namespace>\
+             <capl:name>m&amp;1</capl:name><capl:uid>old</capl:uid><capl:cluster>c</capl:cluster></capl:machine>"
+        ))
+        .expect("owner");
+        assert_eq!(
+            (
+                owner.namespace.as_str(),
+                owner.name.as_str(),
+                owner.cluster.as_str()
+            ),
+            ("ns", "m&1", "c")
+        );
+        assert_eq!(parse_owner("<other/>"), None);
+
+        let sources = parse_sources(
+            "<domain><devices>\
+               <disk type='volume'><source pool='p' volume='v-root'/></disk>\
+               <disk type='file'><source file='/img/v-data'/></disk>\
+               <serial type='pty'><log file='/img/v-serial.log' append='on'/></serial>\
+             </devices><sysinfo type='fwcfg'><entry name='opt/com.coreos/config' file='/img/v-ign'/></sysinfo></domain>",
+        );
+        assert_eq!(sources.volumes, vec![("p".into(), "v-root".into())]);
+        assert_eq!(
+            sources.paths,
+            vec!["/img/v-data", "/img/v-ign", "/img/v-serial.log"]
+        );
+        assert_eq!(sources.serial_log.as_deref(), Some("/img/v-serial.log"));
     }
 }

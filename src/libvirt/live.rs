@@ -1,0 +1,229 @@
+//! [`LibvirtBackend`]: the [`Backend`] on libvirt, for real hosts and the in-process test driver.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::HostVersions;
+use super::backend::{Backend, Deletion, HostRef, MachineRequest, OwnedDomain, Provisioning};
+use super::error::{BackendError, Step};
+use super::hosts::Hosts;
+use super::identity::MachineIdentity;
+use super::image::ImageCache;
+use super::machine::{DomainStatus, GuestAddress, HostFacts, Inventory};
+use super::provision;
+use super::tasks::{MachineLocks, Polled, Tasks};
+use super::volumes::PoolSpace;
+
+/// Every hypervisor operation a reconcile needs, on libvirt.
+pub struct LibvirtBackend {
+    hosts: Arc<Hosts>,
+    images: Arc<ImageCache>,
+    locks: Arc<MachineLocks>,
+    tasks: Tasks,
+    /// When a guest asked to shut down gets stopped hard, per machine (in memory only).
+    deadlines: Mutex<HashMap<Uuid, Instant>>,
+}
+
+impl LibvirtBackend {
+    /// `per_host`: how many libvirt calls may run at once against one host.
+    pub fn new(per_host: usize) -> std::io::Result<Self> {
+        Self::with_hosts(Arc::new(Hosts::new(per_host)))
+    }
+
+    /// A backend on existing connections (e.g. with another call timeout).
+    pub fn with_hosts(hosts: Arc<Hosts>) -> std::io::Result<Self> {
+        Ok(Self {
+            images: Arc::new(ImageCache::new(hosts.clone())?),
+            hosts,
+            locks: Arc::new(MachineLocks::default()),
+            tasks: Tasks::default(),
+            deadlines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The shared connections, for calls beyond this interface (on the test driver, state lives
+    /// in the connection: use these, never a second `Host::open`).
+    pub fn hosts(&self) -> &Arc<Hosts> {
+        &self.hosts
+    }
+
+    /// The per-machine locks every create and delete takes.
+    pub fn locks(&self) -> &Arc<MachineLocks> {
+        &self.locks
+    }
+
+    fn deadline(&self, uuid: Uuid) -> Option<Instant> {
+        match self.deadlines.lock() {
+            Ok(map) => map.get(&uuid).copied(),
+            Err(poisoned) => poisoned.into_inner().get(&uuid).copied(),
+        }
+    }
+
+    fn set_deadline(&self, uuid: Uuid, deadline: Option<Instant>) {
+        let mut map = match self.deadlines.lock() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match deadline {
+            Some(deadline) => map.insert(uuid, deadline),
+            None => map.remove(&uuid),
+        };
+    }
+
+    async fn run<T, F>(&self, host: &HostRef, step: Option<Step>, f: F) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&super::Host) -> super::Result<T> + Send + 'static,
+    {
+        self.hosts.run(&host.uri, f).await.map_err(|e| {
+            let error = BackendError::from(e);
+            match step {
+                Some(step) => error.at(step),
+                None => error,
+            }
+        })
+    }
+}
+
+impl Backend for LibvirtBackend {
+    async fn ensure(&self, request: &MachineRequest) -> Result<Provisioning, BackendError> {
+        let uuid = request.identity.domain_uuid();
+        match self.tasks.poll(uuid) {
+            Polled::Running(step) => return Ok(Provisioning::InProgress { step }),
+            Polled::Finished(result) => return result.map(Provisioning::Ready),
+            Polled::Idle => {}
+        }
+        // A machine that already runs needs no background work.
+        let guard = self.locks.lock(uuid).await;
+        let identity = request.identity.clone();
+        let observed = self
+            .hosts
+            .run_keeping(&request.host.uri, guard, move |host| {
+                host.machine_status(&identity)
+            })
+            .await
+            .map_err(|e| BackendError::from(e).at(Step::Lookup))?;
+        if let Some(domain) = observed.filter(DomainStatus::is_running) {
+            return Ok(Provisioning::Ready(request.state(domain)));
+        }
+        let (hosts, images, locks, request) = (
+            self.hosts.clone(),
+            self.images.clone(),
+            self.locks.clone(),
+            request.clone(),
+        );
+        let step = self.tasks.start(uuid, Step::BaseImage, move |reporter| async move {
+            let guard = locks.lock(uuid).await;
+            let mut status = None;
+            for step in Step::CREATE {
+                reporter.step(step);
+                match provision::run_step(&hosts, &images, &request, step, Some(guard.clone()))
+                    .await
+                {
+                    Ok(found) => status = found.or(status),
+                    Err(error) => {
+                        tracing::debug!(machine = %request.identity.name, %error, "provisioning step failed");
+                        return Some(Err(error));
+                    }
+                }
+            }
+            Some(status.map(|s| request.state(s)).ok_or_else(|| {
+                BackendError::new(
+                    super::error::ErrorKind::Transient,
+                    Some(Step::Start),
+                    "no domain after provisioning",
+                )
+            }))
+        });
+        Ok(Provisioning::InProgress { step })
+    }
+
+    async fn status(
+        &self,
+        host: &HostRef,
+        identity: &MachineIdentity,
+    ) -> Result<Option<DomainStatus>, BackendError> {
+        let identity = identity.clone();
+        self.run(host, Some(Step::Lookup), move |h| {
+            h.machine_status(&identity)
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        host: &HostRef,
+        identity: &MachineIdentity,
+        grace: Duration,
+    ) -> Result<Deletion, BackendError> {
+        let uuid = identity.domain_uuid();
+        self.tasks.cancel(uuid).await;
+        // Waits for every blocking call a cancelled creation still runs.
+        let guard = self.locks.lock(uuid).await;
+        let deadline = self.deadline(uuid);
+        let owned = identity.clone();
+        let outcome = self
+            .hosts
+            .run_keeping(&host.uri, guard, move |h| {
+                Ok(h.delete_machine(&owned, grace, deadline))
+            })
+            .await
+            .map_err(|e| BackendError::from(e).at(Step::Lookup))??;
+        match outcome {
+            Deletion::ShuttingDown { deadline } => self.set_deadline(uuid, Some(deadline)),
+            Deletion::Gone => self.set_deadline(uuid, None),
+        }
+        Ok(outcome)
+    }
+
+    async fn inventory(
+        &self,
+        host: &HostRef,
+        identity: &MachineIdentity,
+    ) -> Result<Inventory, BackendError> {
+        let identity = identity.clone();
+        self.run(host, Some(Step::Lookup), move |h| h.inventory(&identity))
+            .await
+    }
+
+    async fn addresses(
+        &self,
+        host: &HostRef,
+        identity: &MachineIdentity,
+    ) -> Result<Vec<GuestAddress>, BackendError> {
+        let identity = identity.clone();
+        self.run(host, None, move |h| h.addresses(&identity)).await
+    }
+
+    async fn console_tail(
+        &self,
+        host: &HostRef,
+        identity: &MachineIdentity,
+        max: u64,
+    ) -> Result<String, BackendError> {
+        let identity = identity.clone();
+        self.run(host, None, move |h| h.console_tail(&identity, max))
+            .await
+    }
+
+    async fn capacity(
+        &self,
+        host: &HostRef,
+        pool: &str,
+    ) -> Result<(HostFacts, PoolSpace), BackendError> {
+        let pool = pool.to_owned();
+        self.run(host, None, move |h| Ok((h.facts()?, h.pool_space(&pool)?)))
+            .await
+    }
+
+    async fn versions(&self, host: &HostRef) -> Result<HostVersions, BackendError> {
+        self.run(host, None, |h| h.versions()).await
+    }
+
+    async fn list_machines(&self, host: &HostRef) -> Result<Vec<OwnedDomain>, BackendError> {
+        self.run(host, None, |h| h.list_machines()).await
+    }
+}
