@@ -684,34 +684,30 @@ async fn downloads_are_capped_time_out_keep_their_cause_and_leave_no_file_behind
     );
 }
 
-/// Runs inside a child process started by `proxies_from_the_environment_are_honoured` (proxy
-/// variables are process-wide): fetches the image named by the environment.
-#[test]
-#[ignore = "run in a child process by proxies_from_the_environment_are_honoured"]
-fn proxy_child() {
-    let Ok(uri) = std::env::var("CAPL_CHILD_URI") else {
-        return;
-    };
+/// The child half of `proxies_from_the_environment_are_honoured` (proxy variables are
+/// process-wide, so each case runs in a process of its own): fetches the image named by the
+/// environment.
+async fn proxy_child(uri: String) {
     let url = std::env::var("CAPL_CHILD_URL").expect("url");
     let digest = std::env::var("CAPL_CHILD_DIGEST").expect("digest");
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    runtime.block_on(async {
-        let wanted = ImageRequest {
-            url,
-            algorithm: ChecksumType::Sha256,
-            digest,
-            format: ImageFormat::Raw,
-        };
-        cache(loopback_settings())
-            .ensure(&support::host_uri(&uri), "capl-img-proxy", &wanted)
-            .await
-            .expect("fetched");
-    });
+    let wanted = ImageRequest {
+        url,
+        algorithm: ChecksumType::Sha256,
+        digest,
+        format: ImageFormat::Raw,
+    };
+    cache(loopback_settings())
+        .ensure(&support::host_uri(&uri), "capl-img-proxy", &wanted)
+        .await
+        .expect("fetched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_from_the_environment_are_honoured() {
     tls();
+    if let Ok(uri) = std::env::var("CAPL_CHILD_URI") {
+        return proxy_child(uri).await;
+    }
     let (uri, _host, _) = bed_pool("capl-img-proxy");
     let (proxy, proxied) = proxy().await;
     let (one, two) = (raw_image(21, 8192), raw_image(22, 8192));
@@ -724,7 +720,11 @@ async fn proxies_from_the_environment_are_honoured() {
     let child = |image: &[u8], path: &str, no_proxy: Option<&str>| {
         let mut command = std::process::Command::new(std::env::current_exe().expect("exe"));
         command
-            .args(["proxy_child", "--exact", "--ignored", "--nocapture"])
+            .args([
+                "proxies_from_the_environment_are_honoured",
+                "--exact",
+                "--nocapture",
+            ])
             .env("CAPL_CHILD_URI", uri.as_str())
             .env("CAPL_CHILD_URL", format!("http://{server}{path}"))
             .env("CAPL_CHILD_DIGEST", sha256(image))

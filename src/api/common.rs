@@ -16,6 +16,8 @@ pub const PROVIDER_LABEL_VALUE: &str = "infrastructure-libvirt";
 /// A libvirt object name (network, storage pool): letters, digits, `_`, `.`, `-`; no path
 /// separators, no whitespace, at most 64 characters.
 pub const LIBVIRT_NAME_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$";
+/// A UUID in lowercase canonical form (`8-4-4-4-12` hex digits).
+pub const UUID_PATTERN: &str = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
 /// A DNS-1123 label: lowercase alphanumerics and `-`, 1–63 characters.
 pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
 

@@ -8,7 +8,8 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    DNS_LABEL_PATTERN, Initialization, LIBVIRT_NAME_PATTERN, TemplateMeta, immutable, set_once,
+    DNS_LABEL_PATTERN, Initialization, LIBVIRT_NAME_PATTERN, TemplateMeta, UUID_PATTERN, immutable,
+    set_once,
 };
 
 /// One OpenSSH `authorized_keys` line: a known key type, base64 key data and an optional comment
@@ -66,6 +67,8 @@ pub const SSH_KEY_PATTERN: &str = r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256
         json_path = ".metadata.creationTimestamp"
     ),
     validation = set_once("providerID"),
+    validation = set_once("domainUUID"),
+    validation = set_once("host"),
     validation = immutable("vcpus"),
     validation = immutable("cpuMode"),
     validation = immutable("memoryMiB"),
@@ -79,7 +82,7 @@ pub const SSH_KEY_PATTERN: &str = r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256
 #[serde(rename_all = "camelCase")]
 pub struct LibvirtMachineSpec {
     /// Unique identifier of the machine, equal to the `spec.providerID` of the Kubernetes Node it
-    /// becomes (`libvirt://<host>/<domain UUID>`). Set by the provider once the VM exists; can be
+    /// becomes (`libvirt://<domain UUID>`). Set by the provider once the VM exists; can be
     /// set once and never changed. 1–512 printable ASCII characters (no whitespace or control
     /// characters).
     #[serde(
@@ -89,6 +92,27 @@ pub struct LibvirtMachineSpec {
     )]
     #[schemars(length(min = 1, max = 512), regex(pattern = r"^[\x21-\x7E]+$"))]
     pub provider_id: Option<String>,
+
+    /// UUID of the machine's libvirt domain. The provider derives it once from the object's UID
+    /// and records it here before it creates anything, so the machine keeps its VM through
+    /// `clusterctl move` (which gives objects new UIDs and no status). Set once; leave it empty
+    /// on new objects. A domain with this UUID whose metadata names another object is never
+    /// touched.
+    #[serde(
+        default,
+        rename = "domainUUID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(min = 36, max = 36), regex(pattern = UUID_PATTERN))]
+    pub domain_uuid: Option<String>,
+
+    /// Name of the LibvirtCluster host (failure domain) the machine runs on. The provider records
+    /// it when it places the machine, before it creates anything there, and finds and deletes
+    /// the machine on that host from then on. Set once; leave it empty and use the Machine's
+    /// `failureDomain` to choose a host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    pub host: Option<String>,
 
     /// Number of virtual CPUs (1–255; QEMU's i440fx and q35 machines both boot up to 255).
     #[schemars(range(min = 1, max = 255))]
@@ -469,9 +493,13 @@ pub struct LibvirtMachineTemplateSpec {
     pub template: LibvirtMachineTemplateResource,
 }
 
-/// Metadata and spec of machines created from a template.
+/// Metadata and spec of machines created from a template. The per-machine fields `providerID`,
+/// `domainUUID` and `host` stay empty: the provider sets them on each machine.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.spec.providerID) && !has(self.spec.domainUUID) && !has(self.spec.host)").message("spec.providerID, spec.domainUUID and spec.host are set by the provider on each machine; a template must leave them empty").field_path(".spec")
+)]
 pub struct LibvirtMachineTemplateResource {
     /// Labels and annotations for the created machines.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -40,6 +40,25 @@ pub fn validate_spec(spec: &LibvirtMachineSpec, at: &str, v: &mut Verdict) {
             );
         }
     }
+    if let Some(uuid) = &spec.domain_uuid {
+        let canonical = uuid::Uuid::parse_str(uuid)
+            .is_ok_and(|parsed| parsed.hyphenated().to_string() == *uuid);
+        if !canonical {
+            v.error(
+                format!("{at}.domainUUID"),
+                format!(
+                    "must be a lowercase UUID (8-4-4-4-12 hex digits), got {}",
+                    quote(uuid)
+                ),
+            );
+        }
+    }
+    name(
+        v,
+        &format!("{at}.host"),
+        spec.host.as_deref(),
+        checks::dns_label,
+    );
     range(v, &format!("{at}.vcpus"), spec.vcpus, MIN_VCPUS, MAX_VCPUS);
     if spec.vcpus == 1 {
         v.warn(
@@ -321,16 +340,25 @@ impl Admit for LibvirtMachine {
     }
 
     fn validate_update(&self, old: &Self, _info: &RequestInfo, v: &mut Verdict) {
-        if let Some(old_id) = &old.spec.provider_id
-            && self.spec.provider_id.as_ref() != Some(old_id)
-        {
-            v.error(
-                "spec.providerID",
-                format!("can be set once and never changed (was {})", quote(old_id)),
-            );
+        for (field, old_value, new_value) in [
+            ("providerID", &old.spec.provider_id, &self.spec.provider_id),
+            ("domainUUID", &old.spec.domain_uuid, &self.spec.domain_uuid),
+            ("host", &old.spec.host, &self.spec.host),
+        ] {
+            if let Some(old_value) = old_value
+                && new_value.as_ref() != Some(old_value)
+            {
+                v.error(
+                    format!("spec.{field}"),
+                    format!(
+                        "can be set once and never changed (was {})",
+                        quote(old_value)
+                    ),
+                );
+            }
         }
         for field in changed_fields(&old.spec, &self.spec) {
-            if field != "providerID" {
+            if !SET_ONCE_FIELDS.contains(&field.as_str()) {
                 v.error(
                     format!("spec.{field}"),
                     "is immutable: Cluster API replaces machines instead of changing them",
@@ -339,6 +367,9 @@ impl Admit for LibvirtMachine {
         }
     }
 }
+
+/// Machine fields the provider sets once on each machine; every other spec field is immutable.
+const SET_ONCE_FIELDS: [&str; 3] = ["providerID", "domainUUID", "host"];
 
 impl Admit for LibvirtMachineTemplate {
     const KIND: Kind = Kind::LibvirtMachineTemplate;
@@ -350,6 +381,19 @@ impl Admit for LibvirtMachineTemplate {
     fn validate(&self, _policy: &AdmissionPolicy, v: &mut Verdict) {
         validate_template_meta(self.spec.template.metadata.as_ref(), v);
         validate_spec(&self.spec.template.spec, "spec.template.spec", v);
+        let spec = &self.spec.template.spec;
+        for (field, set) in [
+            ("providerID", spec.provider_id.is_some()),
+            ("domainUUID", spec.domain_uuid.is_some()),
+            ("host", spec.host.is_some()),
+        ] {
+            if set {
+                v.error(
+                    format!("spec.template.spec.{field}"),
+                    "is set by the provider on each machine; a template must leave it empty",
+                );
+            }
+        }
     }
 
     fn validate_update(&self, old: &Self, info: &RequestInfo, v: &mut Verdict) {
