@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use capl::libvirt::Host;
 use capl::libvirt::hosts::Hosts;
 use capl::libvirt::image::{Error as ImageError, ImageCache, ImageRequest, ImageSettings};
 use capl::libvirt::qcow2::HeaderError;
-use capl::libvirt::uri::HostUri;
+use support::libvirtd::{bed_pool, qcow2, qemu_img};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What the test server answers.
@@ -158,60 +158,6 @@ async fn proxy() -> (SocketAddr, Arc<AtomicUsize>) {
         }
     });
     (addr, hits)
-}
-
-fn dir_pool(host: &Host, name: &str, dir: &Path) {
-    std::fs::create_dir_all(dir).expect("pool dir");
-    let xml = format!(
-        "<pool type='dir'><name>{name}</name><target><path>{}</path></target></pool>",
-        dir.display()
-    );
-    let pool = host
-        .connection()
-        .define_storage_pool_xml(&xml, 0)
-        .or_else(|_| host.connection().lookup_storage_pool_by_name(name))
-        .expect("pool");
-    if !pool.is_active().unwrap_or(false) {
-        pool.create(0).expect("start pool");
-    }
-}
-
-/// The bed's libvirtd URI, a connection to it, and a started directory pool `name`.
-fn bed_pool(name: &str) -> (HostUri, Host, PathBuf) {
-    let (uri, dir) = {
-        let bed = support::shared();
-        let libvirtd = bed.libvirtd();
-        let libvirtd = libvirtd.as_ref().expect("libvirtd");
-        (libvirtd.host_uri(), libvirtd.images().join(name))
-    };
-    let host = Host::open(&uri).expect("connecting to the bed's libvirtd");
-    dir_pool(&host, name, &dir);
-    (uri, host, dir)
-}
-
-/// Runs qemu-img with `args`.
-fn qemu_img(args: &[&str]) {
-    let made = std::process::Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        made.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-}
-
-/// Makes an empty qcow2 image of `size` at `path` with qemu-img.
-fn qcow2(path: &Path, size: &str) {
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        &path.display().to_string(),
-        size,
-    ]);
 }
 
 fn sha256(bytes: &[u8]) -> String {

@@ -15,6 +15,7 @@ use capl::libvirt::identity::MachineIdentity;
 use capl::libvirt::xml::{
     DiskPlan, DomainPlan, Hypervisor, InterfacePlan, InterfaceSource, VolumePlan,
 };
+use support::libvirtd::{bed_pool, qcow2};
 
 /// The identity of `default/worker-1` whose persisted UUID was derived from `uid`.
 fn identity(uid: &str) -> MachineIdentity {
@@ -336,35 +337,6 @@ async fn serve_image(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic
     (format!("http://{addr}/images/base.qcow2"), hits)
 }
 
-fn dir_pool(host: &Host, name: &str, dir: &Path) {
-    std::fs::create_dir_all(dir).expect("pool dir");
-    let xml = format!(
-        "<pool type='dir'><name>{name}</name><target><path>{}</path></target></pool>",
-        dir.display()
-    );
-    let pool = host
-        .connection()
-        .define_storage_pool_xml(&xml, 0)
-        .or_else(|_| host.connection().lookup_storage_pool_by_name(name))
-        .expect("pool");
-    if !pool.is_active().unwrap_or(false) {
-        pool.create(0).expect("start pool");
-    }
-}
-
-/// The bed's libvirtd URI, a connection to it, and a started directory pool `name`.
-fn bed_pool(name: &str) -> (capl::libvirt::uri::HostUri, Host, PathBuf) {
-    let (uri, dir) = {
-        let bed = support::shared();
-        let libvirtd = bed.libvirtd();
-        let libvirtd = libvirtd.as_ref().expect("libvirtd");
-        (libvirtd.host_uri(), libvirtd.images().join(name))
-    };
-    let host = Host::open(&uri).expect("connecting to the bed's libvirtd");
-    dir_pool(&host, name, &dir);
-    (uri, host, dir)
-}
-
 /// A validated host reference for `uri`.
 fn host_ref(uri: &capl::libvirt::uri::HostUri, domain_type: DomainType) -> HostRef {
     HostRef {
@@ -404,21 +376,6 @@ fn domains_with_uuid(host: &Host, id: &MachineIdentity) -> usize {
         .iter()
         .filter(|d| d.uuid_string().is_ok_and(|u| u == uuid))
         .count()
-}
-
-/// Makes an empty qcow2 image of `size` at `path` with qemu-img.
-fn qcow2(path: &Path, size: &str) {
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(path)
-        .arg(size)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        made.status.success(),
-        "qemu-img: {}",
-        String::from_utf8_lossy(&made.stderr)
-    );
 }
 
 /// A base image made next to `pool_dir` and served over loopback HTTP:

@@ -263,6 +263,32 @@ impl FakeBackend {
     }
 }
 
+/// Plays the fault injected at `step` on the host at `uri`: an unreachable host or a `Fail` is
+/// an error, a `Slow` step sleeps; returns the fault (a `Crash` is the caller's to play).
+async fn injected(
+    world: &Mutex<World>,
+    uri: &HostUri,
+    step: Step,
+) -> Result<Option<Fault>, BackendError> {
+    let fault = {
+        let mut w = lock(world);
+        w.reachable(uri, Some(step))?;
+        w.fault(step)
+    };
+    match fault {
+        Some(Fault::Fail(kind)) => Err(BackendError::new(
+            kind,
+            Some(step),
+            format!("injected failure at {step}"),
+        )),
+        Some(Fault::Slow(delay)) => {
+            tokio::time::sleep(delay).await;
+            Ok(fault)
+        }
+        _ => Ok(fault),
+    }
+}
+
 /// Runs one creation step on the fake world; `Ok(false)` means "crashed after the step".
 async fn fake_step(
     world: &Mutex<World>,
@@ -270,22 +296,7 @@ async fn fake_step(
     step: Step,
 ) -> Result<bool, BackendError> {
     let uri = &request.host.uri;
-    let fault = {
-        let mut w = lock(world);
-        w.reachable(uri, Some(step))?;
-        w.fault(step)
-    };
-    match fault {
-        Some(Fault::Fail(kind)) => {
-            return Err(BackendError::new(
-                kind,
-                Some(step),
-                format!("injected failure at {step}"),
-            ));
-        }
-        Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
-        _ => {}
-    }
+    let fault = injected(world, uri, step).await?;
     let mut w = lock(world);
     w.reachable(uri, Some(step))?;
     let id = &request.identity;
@@ -439,22 +450,7 @@ impl Backend for FakeBackend {
             Step::Undefine,
             Step::DeleteVolumes,
         ] {
-            let fault = {
-                let mut world = lock(&self.world);
-                world.reachable(&host.uri, Some(step))?;
-                world.fault(step)
-            };
-            match fault {
-                Some(Fault::Fail(kind)) => {
-                    return Err(BackendError::new(
-                        kind,
-                        Some(step),
-                        format!("injected failure at {step}"),
-                    ));
-                }
-                Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
-                _ => {}
-            }
+            injected(&self.world, &host.uri, step).await?;
         }
         let mut world = lock(&self.world);
         let ignores_acpi = world.ignores_acpi;

@@ -226,3 +226,64 @@ fn run(cmd: &mut Command) -> Result<()> {
     }
     Ok(())
 }
+
+/// Defines and starts a directory pool `name` at `dir` (idempotent).
+pub fn dir_pool(host: &capl::libvirt::Host, name: &str, dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).expect("pool dir");
+    let xml = format!(
+        "<pool type='dir'><name>{name}</name><target><path>{}</path></target></pool>",
+        dir.display()
+    );
+    let pool = host
+        .connection()
+        .define_storage_pool_xml(&xml, 0)
+        .or_else(|_| host.connection().lookup_storage_pool_by_name(name))
+        .expect("pool");
+    if !pool.is_active().unwrap_or(false) {
+        pool.create(0).expect("start pool");
+    }
+}
+
+/// The bed's libvirtd URI, a connection to it, and a started directory pool `name`.
+pub fn bed_pool(
+    name: &str,
+) -> (
+    capl::libvirt::uri::HostUri,
+    capl::libvirt::Host,
+    std::path::PathBuf,
+) {
+    let (uri, dir) = {
+        let bed = super::shared();
+        let libvirtd = bed.libvirtd();
+        let libvirtd = libvirtd.as_ref().expect("libvirtd");
+        (libvirtd.host_uri(), libvirtd.images().join(name))
+    };
+    let host = capl::libvirt::Host::open(&uri).expect("connecting to the bed's libvirtd");
+    dir_pool(&host, name, &dir);
+    (uri, host, dir)
+}
+
+/// Runs qemu-img with `args`.
+pub fn qemu_img(args: &[&str]) {
+    let made = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        made.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+}
+
+/// Makes an empty qcow2 image of `size` at `path` with qemu-img.
+pub fn qcow2(path: &std::path::Path, size: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &path.display().to_string(),
+        size,
+    ]);
+}
