@@ -11,7 +11,9 @@ use tracing_subscriber::EnvFilter;
 /// Installs the global subscriber. Call once, first thing in `main`.
 pub fn init() {
     tracing_subscriber::fmt()
-        .with_env_filter(filter(std::env::var(EnvFilter::DEFAULT_ENV).ok().as_deref()))
+        .with_env_filter(filter(
+            std::env::var(EnvFilter::DEFAULT_ENV).ok().as_deref(),
+        ))
         .with_target(false)
         .with_ansi(std::io::stdout().is_terminal())
         .init();
@@ -38,7 +40,13 @@ mod tests {
     fn rustls_is_capped_unless_named() {
         assert_eq!(filter(None).to_string(), "rustls=error,info");
         assert_eq!(filter(Some("debug")).to_string(), "rustls=error,debug");
-        assert_eq!(filter(Some("not a [filter")).to_string(), "rustls=error,info");
-        assert_eq!(filter(Some("info,rustls=debug")).to_string(), "rustls=debug,info");
+        assert_eq!(
+            filter(Some("not a [filter")).to_string(),
+            "rustls=error,info"
+        );
+        assert_eq!(
+            filter(Some("info,rustls=debug")).to_string(),
+            "rustls=debug,info"
+        );
     }
 }

@@ -25,7 +25,7 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -106,6 +106,8 @@ pub fn handle(kind: Kind, endpoint: Endpoint, body: &[u8]) -> Response {
 /// wait in the kernel's listen backlog (no descriptor or memory of ours) and are served in turn.
 /// kube-apiservers open a handful each (HTTP/2 multiplexes their requests).
 pub const MAX_CONNECTIONS: usize = 256;
+/// Connections the kernel holds for us beyond the ones served (capped by `net.core.somaxconn`).
+pub const LISTEN_BACKLOG: u32 = 1024;
 /// Deadline of a TLS handshake, from the accepted TCP connection to the first request byte.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of an HTTP/1 request head (request line and headers), counted from when the
@@ -149,7 +151,14 @@ pub async fn serve(
     certs: Arc<CertStore>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(LISTEN_BACKLOG)?;
     tracing::info!(address = %listener.local_addr()?, "webhook server listening");
     serve_listener(listener, certs.server_config()?, router(), shutdown).await;
     Ok(())
@@ -418,10 +427,7 @@ impl AsyncWrite for Tracked {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -455,8 +461,11 @@ async fn reserve_budget(State(budget): State<Budget>, request: Request, next: Ne
         Some(length) => usize::try_from(length).unwrap_or(MAX_BODY_BYTES).max(1024),
         None => MAX_BODY_BYTES,
     };
-    let reserved =
-        tokio::time::timeout(BUDGET_WAIT, budget.0.acquire_many_owned(budget_units(bytes))).await;
+    let reserved = tokio::time::timeout(
+        BUDGET_WAIT,
+        budget.0.acquire_many_owned(budget_units(bytes)),
+    )
+    .await;
     let Ok(Ok(_permit)) = reserved else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

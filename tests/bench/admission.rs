@@ -209,7 +209,13 @@ fn reset_peak_rss(pid: u32) {
 
 /// `count` maximum-size reviews on `count` connections at once; prints status counts, latencies
 /// and the manager's peak RSS during the phase.
-async fn heavy(port: u16, tls: Arc<rustls::ClientConfig>, path: &'static str, count: usize, pid: u32) {
+async fn heavy(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    path: &'static str,
+    count: usize,
+    pid: u32,
+) {
     let body = Bytes::from(max_size_review());
     let mut senders = Vec::new();
     for _ in 0..count {
