@@ -36,49 +36,52 @@ struct Manager {
     _proc: Proc,
 }
 
+/// The manager shared by this binary's tests.
 fn manager() -> &'static Manager {
     static MANAGER: OnceLock<Manager> = OnceLock::new();
-    MANAGER.get_or_init(|| {
-        let bed = support::shared();
-        let cert_dir = bed.test_dir("webhook-server").join("certs");
-        let plane = bed.plane();
-        let plane = plane.as_ref().expect("control plane");
-        plane
-            .ca
-            .server("capl-webhook", &["127.0.0.1", "localhost"])
-            .expect("serving cert")
-            .write(&cert_dir, "tls.crt", "tls.key")
-            .expect("writing the cert");
-        let port = free_port().expect("port");
-        let (proc, _) = bed.start_manager(
-            "webhook-server",
-            env!("CARGO_BIN_EXE_manager"),
-            &[
-                "--webhook-host=127.0.0.1".into(),
-                format!("--webhook-port={port}"),
-                format!("--webhook-cert-dir={}", cert_dir.display()),
-            ],
-        );
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(plane.ca.cert_pem.as_bytes())
-        {
-            roots.add(cert.expect("CA PEM")).expect("CA");
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        Manager {
-            port,
-            pid: proc.pid(),
-            log: proc.log().to_owned(),
-            tls: Arc::new(tls),
-            _proc: proc,
-        }
-    })
+    MANAGER.get_or_init(|| start_manager("webhook-server"))
+}
+
+/// Starts a manager serving its webhooks on 127.0.0.1 with a certificate of the bed's CA.
+fn start_manager(name: &str) -> Manager {
+    let bed = support::shared();
+    let cert_dir = bed.test_dir(name).join("certs");
+    let plane = bed.plane();
+    let plane = plane.as_ref().expect("control plane");
+    plane
+        .ca
+        .server("capl-webhook", &["127.0.0.1", "localhost"])
+        .expect("serving cert")
+        .write(&cert_dir, "tls.crt", "tls.key")
+        .expect("writing the cert");
+    let port = free_port().expect("port");
+    let (proc, _) = bed.start_manager(
+        name,
+        env!("CARGO_BIN_EXE_manager"),
+        &[
+            "--webhook-host=127.0.0.1".into(),
+            format!("--webhook-port={port}"),
+            format!("--webhook-cert-dir={}", cert_dir.display()),
+        ],
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(plane.ca.cert_pem.as_bytes()) {
+        roots.add(cert.expect("CA PEM")).expect("CA");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Manager {
+        port,
+        pid: proc.pid(),
+        log: proc.log().to_owned(),
+        tls: Arc::new(tls),
+        _proc: proc,
+    }
 }
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
@@ -416,6 +419,52 @@ async fn http2_is_served_when_the_client_offers_it() {
             .to_bytes();
         assert!(String::from_utf8_lossy(&bytes).contains("\"allowed\":true"));
     }
+}
+
+#[tokio::test]
+async fn on_sigterm_in_flight_requests_finish_and_idle_connections_do_not_hold_the_exit() {
+    let manager = tokio::task::spawn_blocking(|| start_manager("webhook-server-stop"))
+        .await
+        .expect("manager");
+    let mut idle = http1(&manager).await;
+    let (status, _) = post(&mut idle, VALIDATE, review("CREATE", json!({}))).await;
+    assert_eq!(status, 200);
+    let body = review("CREATE", json!({}));
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut in_flight = tls_connect(&manager).await;
+    let head = format!(
+        "POST {VALIDATE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    in_flight.write_all(head.as_bytes()).await.expect("head");
+    in_flight.write_all(first).await.expect("first half");
+    in_flight.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let pid = libc::pid_t::try_from(manager.pid).expect("pid");
+    // SAFETY: a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let stopped = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    in_flight.write_all(rest).await.expect("second half");
+    in_flight.flush().await.expect("flush");
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        in_flight.read_to_string(&mut answer),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"allowed\":true"), "{answer}");
+    while support::process::pid_alive(pid) {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(5),
+            "the manager still runs {:?} after SIGTERM",
+            stopped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(idle);
 }
 
 // ---------------------------------------------------------------- heavy requests
