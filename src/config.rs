@@ -54,8 +54,9 @@ pub struct RunArgs {
     #[arg(long, env = "KUBECONFIG", global = true)]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Address the health probe endpoint (/healthz, /readyz) binds to.
-    #[arg(long, default_value = "127.0.0.1:9440", global = true)]
+    /// Address the health probe endpoint (/healthz, /readyz) binds to; `:9440` (the default) is
+    /// every interface, where the kubelet probes the pod IP.
+    #[arg(long, default_value = ":9440", value_parser = crate::health::parse_bind_address, global = true)]
     pub health_probe_bind_address: SocketAddr,
 
     /// Libvirt connection URI the manager checks at start-up (e.g. qemu:///system, or

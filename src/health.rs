@@ -11,6 +11,17 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+/// Parses a bind address, also in controller-runtime's `:<port>` spelling (all IPv4 interfaces).
+pub fn parse_bind_address(value: &str) -> Result<SocketAddr, String> {
+    let spelled = match value.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => value.to_owned(),
+    };
+    spelled
+        .parse()
+        .map_err(|error| format!("{value:?} is not an address:port or :port ({error})"))
+}
+
 /// Shared readiness flag, flipped by the manager once its dependencies answer.
 #[derive(Clone, Default)]
 pub struct Readiness(Arc<AtomicBool>);

@@ -3,7 +3,11 @@
 //! percentiles (send to last response byte) and the manager's resident memory.
 //!
 //! `cargo bench --bench admission` (starts the test bed's etcd + kube-apiserver, which the manager
-//! needs to start; admission itself never calls them).
+//! needs to start; admission itself never calls them). The last phase sends maximum-size UPDATE
+//! reviews all at once and reports the manager's peak resident memory during that phase.
+//!
+//! `cargo test --all-targets` builds and runs this binary too (without `--bench`): it then only
+//! prints a line and exits.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -176,7 +180,95 @@ fn report(label: &str, outcome: &mut Outcome, pid: u32) {
     );
 }
 
+/// An UPDATE review of `MAX_BODY_BYTES` at most whose object and old object each carry ~1.6 MiB
+/// of small annotations: the shape that costs the most memory per byte to decode.
+fn max_size_review() -> Vec<u8> {
+    let mut object = serde_json::from_slice::<serde_json::Value>(&review_body())
+        .expect("review")["request"]["object"]
+        .clone();
+    let limit = capl::webhook::server::MAX_BODY_BYTES;
+    // `"a0000000":"",` is 14 bytes; two objects plus the envelope must stay under the limit.
+    let entries = (limit - 64 * 1024) / 2 / 14;
+    let annotations: serde_json::Map<String, serde_json::Value> = (0..entries)
+        .map(|i| (format!("a{i:07}"), json!("")))
+        .collect();
+    object["metadata"]["annotations"] = serde_json::Value::Object(annotations);
+    let mut review: serde_json::Value = serde_json::from_slice(&review_body()).expect("review");
+    review["request"]["operation"] = json!("UPDATE");
+    review["request"]["oldObject"] = object.clone();
+    review["request"]["object"] = object;
+    let body = serde_json::to_vec(&review).expect("review JSON");
+    assert!(body.len() <= limit, "{} > {limit}", body.len());
+    body
+}
+
+/// Resets the manager's peak RSS (VmHWM) to its current RSS.
+fn reset_peak_rss(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// `count` maximum-size reviews on `count` connections at once; prints status counts, latencies
+/// and the manager's peak RSS during the phase.
+async fn heavy(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    path: &'static str,
+    count: usize,
+    pid: u32,
+) {
+    let body = Bytes::from(max_size_review());
+    let mut senders = Vec::new();
+    for _ in 0..count {
+        senders.push(connect(port, tls.clone()).await);
+    }
+    reset_peak_rss(pid);
+    let before = rss_kib(pid, "VmRSS:");
+    let start = Instant::now();
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|mut sender| {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let request = hyper::Request::post(path)
+                    .header("content-type", "application/json")
+                    .header("host", "127.0.0.1")
+                    .body(Full::new(body))
+                    .expect("request");
+                let sent = Instant::now();
+                let response = sender.send_request(request).await.expect("response");
+                let status = response.status();
+                let _ = response.into_body().collect().await;
+                (status, sent.elapsed())
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        let (status, latency) = task.await.expect("heavy task");
+        *statuses.entry(status.as_u16()).or_default() += 1;
+        latencies.push(latency);
+    }
+    latencies.sort();
+    println!(
+        "{count} x {} KiB {path}: {:.1} s in all, p50 {} ms, max {} ms, statuses {statuses:?}; RSS {before} KiB before, peak {} KiB",
+        body.len() / 1024,
+        start.elapsed().as_secs_f64(),
+        percentile(&latencies, 0.5).as_millis(),
+        latencies.last().expect("samples").as_millis(),
+        rss_kib(pid, "VmHWM:"),
+    );
+}
+
 fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        println!("admission benchmark: run it with `cargo bench --bench admission`");
+        return;
+    }
+    // `cargo bench --bench admission -- <word>` runs only the phases whose label has <word>.
+    let filter = std::env::args().skip(1).find(|arg| !arg.starts_with("--"));
+    let wanted = |label: &str| filter.as_deref().is_none_or(|word| label.contains(word));
     let _ = rustls::crypto::ring::default_provider().install_default();
     let bed = support::TestBed::start().expect("test bed");
     let dir = bed.test_dir("bench");
@@ -242,11 +334,25 @@ fn main() {
             ("validate saturation, 16 conns", validate, None, 16),
             ("mutate   saturation, 16 conns", mutate, None, 16),
         ] {
+            if !wanted(label) {
+                continue;
+            }
             let mut outcome = run(port, tls.clone(), path, rate, connections).await;
             report(label, &mut outcome, pid);
         }
     });
     println!("manager peak RSS (VmHWM): {} KiB", rss_kib(pid, "VmHWM:"));
+    runtime.block_on(async {
+        for (label, path, count) in [
+            ("heavy mutate x1", mutate, 1),
+            ("heavy mutate x32", mutate, 32),
+            ("heavy validate x32", validate, 32),
+        ] {
+            if wanted(label) {
+                heavy(port, tls.clone(), path, count, pid).await;
+            }
+        }
+    });
     manager.stop(Duration::from_secs(5));
     drop(plane_guard);
     bed.shutdown();
