@@ -5,7 +5,7 @@ use capl::config::{Cli, Command};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    capl::telemetry::init();
+    capl::telemetry::init(cli.run.log_format);
     // One TLS crypto provider for the whole process (kube's client and our servers).
     if rustls::crypto::ring::default_provider()
         .install_default()
