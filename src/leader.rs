@@ -44,6 +44,7 @@ pub enum Role {
 #[derive(Clone, Debug)]
 pub struct Leadership {
     role: watch::Receiver<Role>,
+    elected: bool,
 }
 
 impl Leadership {
@@ -52,7 +53,10 @@ impl Leadership {
         let (tx, role) = watch::channel(Role::Leading);
         // Keep the sender alive for the life of the process: the role never changes.
         std::mem::forget(tx);
-        Self { role }
+        Self {
+            role,
+            elected: false,
+        }
     }
 
     /// Starts campaigning on the Lease in `settings` until `stop` turns true (then releases the
@@ -65,7 +69,10 @@ impl Leadership {
         let (tx, role) = watch::channel(Role::Candidate);
         let api: Api<Lease> = Api::namespaced(client, &settings.namespace);
         tokio::spawn(campaign(api, settings, tx, stop));
-        Self { role }
+        Self {
+            role,
+            elected: true,
+        }
     }
 
     /// The current role.
@@ -91,6 +98,18 @@ impl Leadership {
             .await
             .map(|role| *role);
         matches!(decided, Ok(Role::Leading))
+    }
+
+    /// Resolves once the election has ended: after the stop signal, when the Lease has been
+    /// released (so the manager waits for it before exiting); at once without an election.
+    pub async fn ended(&self) {
+        if !self.elected {
+            return;
+        }
+        let mut role = self.role.clone();
+        let _ = role
+            .wait_for(|role| matches!(role, Role::Stopped | Role::Lost))
+            .await;
     }
 
     /// Resolves when this replica has lost the leadership (never while it leads, never on a

@@ -41,8 +41,11 @@ pub async fn kube_client(args: &RunArgs) -> anyhow::Result<kube::Client> {
 /// what it runs.
 pub async fn probe_libvirt(uri: &str, policy: UriPolicy) -> anyhow::Result<HostVersions> {
     let uri = HostUri::parse(uri, policy).with_context(|| format!("--libvirt-uri {uri:?}"))?;
-    let versions = tokio::task::spawn_blocking(move || Host::open(&uri)?.versions()).await??;
-    Ok(versions)
+    let started = std::time::Instant::now();
+    let host = uri.to_string();
+    let versions = tokio::task::spawn_blocking(move || Host::open(&uri)?.versions()).await?;
+    metrics::global().libvirt_call("manager::probe_libvirt", &host, started.elapsed());
+    Ok(versions?)
 }
 
 /// What the controllers get from the manager (`controller::run` takes it).
@@ -83,13 +86,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         readiness.clone(),
         stopped(stop_rx.clone()),
     ));
-    let metrics_server = args.metrics_bind_address.map(|addr| {
-        tokio::spawn(metrics::serve(
-            addr,
-            metrics.clone(),
-            stopped(stop_rx.clone()),
-        ))
-    });
+    // A taken metrics port fails the start, as in controller-runtime.
+    let metrics_server = match args.metrics_bind_address {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-bind-address {addr}"))?;
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+                stopped(stop_rx.clone()),
+            )))
+        }
+        None => {
+            tracing::info!("metrics disabled (--metrics-bind-address=0)");
+            None
+        }
+    };
     let mut webhooks = start_webhooks(&args, &stop_rx)?;
 
     let client = kube_client(&args).await?;
@@ -170,6 +183,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(_) => tracing::warn!(after = ?CONTROLLERS_GRACE, "controllers did not stop in time"),
     }
+    // Release the Lease (when held) before exiting, so that a successor need not wait for it
+    // to expire.
+    if tokio::time::timeout(RELEASE_GRACE, leadership.ended())
+        .await
+        .is_err()
+    {
+        tracing::warn!(after = ?RELEASE_GRACE, "the Lease was not released in time");
+    }
     if let Some(error) = failure {
         return Err(error);
     }
@@ -182,6 +203,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// How long releasing the Lease may take at shutdown.
+pub const RELEASE_GRACE: Duration = Duration::from_secs(5);
 
 /// How long the controllers may take to stop once told to.
 pub const CONTROLLERS_GRACE: Duration = Duration::from_secs(10);

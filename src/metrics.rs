@@ -12,6 +12,9 @@
 //! | `capl_admission_total` | counter | `kind`, `operation`, `allowed` |
 //! | `capl_image_downloads_total` | counter | `result` (`success`, `error`) |
 //!
+//! The reconcile and image download series of [`KINDS`] and results exist from the start (at
+//! zero); the libvirt call and admission series appear with their first event.
+//!
 //! Label values are bounded: kinds and operations are fixed sets, `op` is the name of the code
 //! that made the libvirt call, and `host` is a host URI's host name only (never its user, port or
 //! query parameters, which may name key files).
@@ -56,6 +59,9 @@ struct AdmissionLabels {
 struct ResultLabel {
     result: String,
 }
+
+/// The kinds the controllers reconcile (the `kind` label of the reconcile families).
+pub const KINDS: [&str; 2] = ["LibvirtCluster", "LibvirtMachine"];
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -155,6 +161,28 @@ impl Metrics {
             "Base image downloads, by result",
             image_downloads.clone(),
         );
+        // Known series start at zero, so that they are visible (and `rate()` works) before the
+        // first event, as controller-runtime does for its reconcile counters.
+        for kind in KINDS {
+            for result in [
+                ReconcileResult::Success,
+                ReconcileResult::Error,
+                ReconcileResult::Requeue,
+            ] {
+                let _ = reconciles.get_or_create(&KindResult {
+                    kind: kind.to_owned(),
+                    result: result.label().to_owned(),
+                });
+            }
+            let _ = reconcile_duration.get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            });
+        }
+        for result in ["success", "error"] {
+            let _ = image_downloads.get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            });
+        }
         Self {
             registry,
             reconciles,
@@ -311,13 +339,12 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
         .with_state(metrics)
 }
 
-/// Serves `/metrics` (plain HTTP) on `addr` until `shutdown` resolves.
+/// Serves `/metrics` (plain HTTP) on `listener` until `shutdown` resolves.
 pub async fn serve(
-    addr: std::net::SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(address = %listener.local_addr()?, "metrics listening");
     axum::serve(listener, router(metrics))
         .with_graceful_shutdown(shutdown)
