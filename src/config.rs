@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 
 /// Cluster API infrastructure provider for libvirt/KVM hosts.
 #[derive(Debug, Parser)]
-#[command(name = "manager", version, about)]
+// A flag given twice takes its last value (as with Go's flag package), so that wrappers can
+// append overrides to a default command line.
+#[command(name = "manager", version, about, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -228,7 +230,8 @@ pub struct LeaderElectionSettings {
 }
 
 /// Where a pod's service account tells its namespace.
-pub const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+pub const SERVICE_ACCOUNT_NAMESPACE: &str =
+    "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 impl RunArgs {
     /// The settings `controller::run` takes.
@@ -358,6 +361,19 @@ mod tests {
             Some("cluster.x-k8s.io/watch-filter=mine")
         );
         assert!(settings.uri_policy.allow_test_driver);
+    }
+
+    #[test]
+    fn the_last_of_a_repeated_flag_wins() {
+        let args = parse(&[
+            "--metrics-bind-address=0",
+            "--metrics-bind-address=127.0.0.1:9",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.metrics_bind_address,
+            Some("127.0.0.1:9".parse().unwrap())
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! check passes: the Kubernetes API answered, the libvirt host (`--libvirt-uri`) answered, and,
 //! on the replica running the controllers, their caches synced.
 
-use std::net::SocketAddr;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;

@@ -14,9 +14,9 @@ use tokio::time::{Instant, Sleep};
 use crate::config::{ControllerSettings, RunArgs};
 use crate::health::{self, Readiness};
 use crate::leader::Leadership;
-use crate::metrics::{self, Metrics};
 use crate::libvirt::uri::{HostUri, UriPolicy};
 use crate::libvirt::{Host, HostVersions};
+use crate::metrics::{self, Metrics};
 use crate::webhook;
 use crate::webhook::tls::{CertFiles, CertStore};
 
@@ -179,7 +179,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The controllers finish their reconciles in flight (bounded, so that a lost lease or a
     // stuck reconcile cannot keep the process from exiting).
     match tokio::time::timeout(CONTROLLERS_GRACE, controllers).await {
-        Ok(Ok(Err(error))) => tracing::warn!(error = %format!("{error:#}"), "controllers failed while stopping"),
+        Ok(Ok(Err(error))) => {
+            tracing::warn!(error = %format!("{error:#}"), "controllers failed while stopping")
+        }
         Ok(_) => {}
         Err(_) => tracing::warn!(after = ?CONTROLLERS_GRACE, "controllers did not stop in time"),
     }
@@ -301,7 +303,11 @@ impl RateLimitLayer {
     /// `qps` > 0 tokens per second, at most `burst` (≥ 1) stored.
     pub fn new(qps: f64, burst: u32) -> Self {
         Self {
-            qps: if qps.is_finite() && qps > 0.0 { qps } else { 1.0 },
+            qps: if qps.is_finite() && qps > 0.0 {
+                qps
+            } else {
+                1.0
+            },
             burst: burst.max(1),
         }
     }

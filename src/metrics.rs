@@ -142,8 +142,7 @@ impl Metrics {
             "Time one reconcile took, by kind",
             reconcile_duration.clone(),
         );
-        let libvirt_calls: Histograms<CallLabels> =
-            Family::new_with_constructor(libvirt_histogram);
+        let libvirt_calls: Histograms<CallLabels> = Family::new_with_constructor(libvirt_histogram);
         registry.register(
             "libvirt_call_duration_seconds",
             "Time one libvirt call took (including waiting for the connection), by operation and host",
@@ -385,7 +384,10 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected} missing in\n{text}");
         }
-        assert!(!text.contains("keyfile") && !text.contains("capl@"), "{text}");
+        assert!(
+            !text.contains("keyfile") && !text.contains("capl@"),
+            "{text}"
+        );
     }
 
     #[test]

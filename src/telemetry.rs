@@ -64,7 +64,11 @@ fn filter(rust_log: Option<&str>) -> EnvFilter {
 /// Whether `directives` has a directive for `target` itself (`hyper=trace`, not `hyper_util=..`).
 fn names(directives: &str, target: &str) -> bool {
     directives.split(',').any(|directive| {
-        let name = directive.split(['=', '[']).next().unwrap_or_default().trim();
+        let name = directive
+            .split(['=', '['])
+            .next()
+            .unwrap_or_default()
+            .trim();
         name == target || name.starts_with(&format!("{target}::"))
     })
 }

@@ -340,9 +340,12 @@ fn managers_elect_one_leader_take_over_and_exit_when_the_lease_is_lost() {
     // SAFETY: kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(leader.pid() as i32, libc::SIGKILL) }, 0);
     let killed = Instant::now();
-    poll("the takeover", Duration::from_secs(10), Duration::from_millis(50), || {
-        Ok((lease_holder(bed, LEASE) == *follower_id).then_some(()))
-    })
+    poll(
+        "the takeover",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || Ok((lease_holder(bed, LEASE) == *follower_id).then_some(())),
+    )
     .expect("takeover");
     let takeover = killed.elapsed();
     eprintln!("takeover after kill -9: {takeover:?}");
@@ -350,9 +353,12 @@ fn managers_elect_one_leader_take_over_and_exit_when_the_lease_is_lost() {
         takeover <= LEASE_DURATION + 2 * RETRY + Duration::from_millis(500),
         "took {takeover:?}"
     );
-    poll("the new leader's controllers", Duration::from_secs(5), RETRY, || {
-        Ok((count_in(follower.log(), "starting the controllers") == 1).then_some(()))
-    })
+    poll(
+        "the new leader's controllers",
+        Duration::from_secs(5),
+        RETRY,
+        || Ok((count_in(follower.log(), "starting the controllers") == 1).then_some(())),
+    )
     .expect("controllers on the new leader");
 
     // Another identity takes the Lease: the new leader stops leading and exits with an error.
@@ -367,12 +373,18 @@ fn managers_elect_one_leader_take_over_and_exit_when_the_lease_is_lost() {
         r#"{"spec":{"holderIdentity":"someone-else","leaseDurationSeconds":30}}"#,
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let exited = poll("the exit on a lost lease", Duration::from_secs(10), RETRY, || {
-        Ok(follower.check_running().err())
-    })
+    let exited = poll(
+        "the exit on a lost lease",
+        Duration::from_secs(10),
+        RETRY,
+        || Ok(follower.check_running().err()),
+    )
     .expect("exit");
     let logged = std::fs::read_to_string(follower.log()).expect("log");
-    assert!(logged.contains("leader election lost"), "{exited:#}\n{logged}");
+    assert!(
+        logged.contains("leader election lost"),
+        "{exited:#}\n{logged}"
+    );
     let _ = bed.kubectl(&["delete", "lease", "-n", "default", LEASE]);
 }
 
@@ -392,9 +404,12 @@ fn a_stopping_leader_releases_its_lease() {
             "--leader-elect-retry-period=200ms".into(),
         ],
     );
-    poll("the lease", Duration::from_secs(10), Duration::from_millis(100), || {
-        Ok((!lease_holder(bed, LEASE).is_empty()).then_some(()))
-    })
+    poll(
+        "the lease",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || Ok((!lease_holder(bed, LEASE).is_empty()).then_some(())),
+    )
     .expect("leader");
     proc.stop(Duration::from_secs(10));
     assert_eq!(lease_holder(bed, LEASE), "", "released on SIGTERM");
@@ -422,7 +437,10 @@ fn json_logs_are_one_json_object_per_line() {
         .collect();
     assert!(lines.len() >= 3, "{logged}");
     for line in &lines {
-        assert!(line["timestamp"].is_string() && line["level"].is_string(), "{line}");
+        assert!(
+            line["timestamp"].is_string() && line["level"].is_string(),
+            "{line}"
+        );
     }
     assert!(
         lines
@@ -477,15 +495,26 @@ fn a_trace_log_holds_no_credentials() {
         support::process::Lifetime::TestProcess,
     )
     .expect("spawn");
-    poll("ready and leading", Duration::from_secs(30), Duration::from_millis(100), || {
-        proc.check_running()?;
-        Ok((http_ok(health, "/readyz") && count_in(&log, "became the leader") == 1).then_some(()))
-    })
+    poll(
+        "ready and leading",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            proc.check_running()?;
+            Ok(
+                (http_ok(health, "/readyz") && count_in(&log, "became the leader") == 1)
+                    .then_some(()),
+            )
+        },
+    )
     .expect("ready");
     std::thread::sleep(Duration::from_secs(1));
     proc.stop(Duration::from_secs(10));
     let logged = std::fs::read_to_string(&log).expect("log");
-    assert!(logged.contains("TRACE") || logged.contains("DEBUG"), "a verbose log");
+    assert!(
+        logged.contains("TRACE") || logged.contains("DEBUG"),
+        "a verbose log"
+    );
     let pem_lines = |pem: &[u8]| -> Vec<String> {
         text(pem)
             .lines()
