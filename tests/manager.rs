@@ -451,6 +451,31 @@ fn json_logs_are_one_json_object_per_line() {
 }
 
 #[test]
+fn json_logs_stay_json_when_the_manager_fails() {
+    let bed = support::shared();
+    let empty = bed.test_dir("json-failure");
+    let out = manager(bed, "test:///default", free_port().expect("port"), 19444)
+        .arg(format!("--webhook-cert-dir={}", empty.display()))
+        .arg("--log-format=json")
+        .output()
+        .expect("running the manager");
+    assert!(!out.status.success());
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    let lines: Vec<Value> = all
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let last = lines.last().expect("a line");
+    assert_eq!(last["level"], "ERROR", "{all}");
+    let error = last["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("loading the webhook serving certificate") && error.contains("tls.crt"),
+        "{all}"
+    );
+}
+
+#[test]
 fn a_trace_log_holds_no_credentials() {
     let bed = support::shared();
     let dir = bed.test_dir("no-secrets");
@@ -529,4 +554,26 @@ fn a_trace_log_holds_no_credentials() {
         assert!(!logged.contains(&secret), "{secret} in the log");
     }
     let _ = bed.kubectl(&["delete", "lease", "-n", "default", "capl-secrets-test"]);
+}
+
+#[tokio::test]
+async fn the_kube_client_is_paced_by_qps_and_burst() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let bed = support::shared();
+    let cli = <capl::config::Cli as clap::Parser>::try_parse_from([
+        "manager".to_owned(),
+        format!("--kubeconfig={}", bed.kubeconfig.display()),
+        "--kube-api-qps=10".to_owned(),
+        "--kube-api-burst=2".to_owned(),
+    ])
+    .expect("flags");
+    let client = capl::manager::kube_client(&cli.run).await.expect("client");
+    let start = Instant::now();
+    for _ in 0..7 {
+        client.apiserver_version().await.expect("version");
+    }
+    // 2 at once, then 5 more at 10/s.
+    let took = start.elapsed();
+    eprintln!("7 requests at qps 10, burst 2: {took:?}");
+    assert!(took >= Duration::from_millis(480), "{took:?}");
 }
