@@ -44,6 +44,8 @@ pub enum Role {
 #[derive(Clone, Debug)]
 pub struct Leadership {
     role: watch::Receiver<Role>,
+    /// Without an election, the sender of the constant role (kept so the role never closes).
+    _constant: Option<std::sync::Arc<watch::Sender<Role>>>,
     elected: bool,
 }
 
@@ -51,10 +53,9 @@ impl Leadership {
     /// No election (`--leader-elect=false`): this replica always leads.
     pub fn always() -> Self {
         let (tx, role) = watch::channel(Role::Leading);
-        // Keep the sender alive for the life of the process: the role never changes.
-        std::mem::forget(tx);
         Self {
             role,
+            _constant: Some(std::sync::Arc::new(tx)),
             elected: false,
         }
     }
@@ -71,6 +72,7 @@ impl Leadership {
         tokio::spawn(campaign(api, settings, tx, stop));
         Self {
             role,
+            _constant: None,
             elected: true,
         }
     }
