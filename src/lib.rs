@@ -5,7 +5,10 @@
 //!
 //! - [`config`]: the command line, in controller-runtime's flag style;
 //! - [`health`]: the `/healthz` and `/readyz` probe server;
+//! - [`leader`]: leader election on a Lease (`--leader-elect`);
 //! - [`libvirt`]: the only code that talks to hypervisors;
+//! - [`manager`]: wiring of a running manager (one shutdown signal, the Kubernetes client);
+//! - [`metrics`]: the Prometheus metrics on `/metrics`;
 //! - [`telemetry`]: logging set-up.
 
 pub mod api;
@@ -13,7 +16,9 @@ pub mod cloudinit;
 pub mod config;
 pub mod egress;
 pub mod health;
+pub mod leader;
 pub mod libvirt;
 pub mod manager;
+pub mod metrics;
 pub mod telemetry;
 pub mod webhook;

@@ -88,6 +88,13 @@ impl Hosts {
         F: FnOnce(&Host) -> Result<T> + Send + 'static,
         K: Send + 'static,
     {
+        // Timed by op (the calling function, see `metrics::op_label`) and host, including the
+        // wait for a permit: what a reconcile experiences.
+        let _timer = CallTimer {
+            op: std::any::type_name::<F>(),
+            uri: uri.as_str(),
+            started: std::time::Instant::now(),
+        };
         let slot = self.slot(uri.as_str());
         let permit = slot
             .permits
@@ -132,6 +139,23 @@ impl Hosts {
             .values()
             .filter(|s| s.host.lock().map(|h| h.is_some()).unwrap_or(false))
             .count()
+    }
+}
+
+/// Records one call's duration when dropped (also when the caller's future is dropped).
+struct CallTimer<'a> {
+    op: &'static str,
+    uri: &'a str,
+    started: std::time::Instant,
+}
+
+impl Drop for CallTimer<'_> {
+    fn drop(&mut self) {
+        crate::metrics::global().libvirt_call(
+            &crate::metrics::op_label(self.op),
+            self.uri,
+            self.started.elapsed(),
+        );
     }
 }
 

@@ -445,7 +445,9 @@ impl ImageCache {
             return Ok(path);
         }
 
-        let file = self.download(request).await?;
+        let downloaded = self.download(request).await;
+        crate::metrics::global().image_download(downloaded.is_ok());
+        let file = downloaded?;
         self.upload(uri, pool, request, file).await?;
 
         let (p, r) = (pool.to_owned(), request.clone());

@@ -81,6 +81,13 @@ pub fn handle(kind: Kind, endpoint: Endpoint, body: &[u8], policy: &AdmissionPol
         }
     };
     let response = admission::review(kind, endpoint, &request, policy);
+    let operation = match request.operation {
+        kube::core::admission::Operation::Create => "CREATE",
+        kube::core::admission::Operation::Update => "UPDATE",
+        kube::core::admission::Operation::Delete => "DELETE",
+        kube::core::admission::Operation::Connect => "CONNECT",
+    };
+    crate::metrics::global().admission(kind.name(), operation, response.allowed);
     tracing::debug!(
         kind = kind.name(),
         endpoint = endpoint.prefix(),
