@@ -180,6 +180,9 @@ impl TestBed {
         let mut cmd = std::process::Command::new(binary);
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .arg(format!("--health-probe-bind-address=127.0.0.1:{health}"))
+            // Several managers run at once in one test binary: none takes the default metrics
+            // port unless a test asks for one (the last of a repeated flag wins).
+            .arg("--metrics-bind-address=0")
             .args(args);
         let log = self.test_dir(test).join("manager.log");
         let mut proc = process::Proc::spawn("manager", cmd, &log, Lifetime::TestProcess)
