@@ -144,7 +144,16 @@ pub struct Context<B> {
     pub machines: Store<LibvirtMachine>,
     /// Every LibvirtCluster (the cluster controller's store).
     pub clusters: Store<LibvirtCluster>,
-    failures: Mutex<HashMap<String, u32>>,
+    failures: Mutex<HashMap<String, Failures>>,
+}
+
+/// An object's consecutive failures, and until when it rests after the last one.
+#[derive(Clone, Copy, Debug, Default)]
+struct Failures {
+    count: u32,
+    /// The generation that failed and when it may be retried: triggers before then (our own
+    /// status write, a watched object's update) do not call the backend again.
+    parked: Option<(Option<i64>, std::time::Instant)>,
 }
 
 impl<B: Backend> Context<B> {
@@ -172,7 +181,7 @@ impl<B: Backend> Context<B> {
         }
     }
 
-    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, Failures>> {
         match self.failures.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -182,14 +191,29 @@ impl<B: Backend> Context<B> {
     /// The next delay of the object's exponential backoff (and counts the failure).
     pub fn backoff(&self, key: &str) -> Duration {
         let mut failures = self.failures();
-        let count = failures.entry(key.to_owned()).or_default();
+        let entry = failures.entry(key.to_owned()).or_default();
         let delay = self
             .settings
             .backoff_base
-            .saturating_mul(1u32 << (*count).min(16))
+            .saturating_mul(1u32 << entry.count.min(16))
             .min(self.settings.backoff_max);
-        *count = count.saturating_add(1);
+        entry.count = entry.count.saturating_add(1);
         delay
+    }
+
+    /// Rests the object at `generation` for `delay`: until then (or a spec change) reconciles
+    /// make no backend call. Returns `delay`.
+    pub fn park(&self, key: &str, generation: Option<i64>, delay: Duration) -> Duration {
+        let until = std::time::Instant::now() + delay;
+        self.failures().entry(key.to_owned()).or_default().parked = Some((generation, until));
+        delay
+    }
+
+    /// How much longer the object rests, when it was parked at this generation.
+    pub fn parked(&self, key: &str, generation: Option<i64>) -> Option<Duration> {
+        let (parked_at, until) = self.failures().get(key)?.parked?;
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        (parked_at == generation && !left.is_zero()).then_some(left)
     }
 
     /// Forgets the object's failures (after a successful step).

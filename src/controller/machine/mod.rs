@@ -183,6 +183,15 @@ impl Draft {
         cond::set(&mut self.conditions, &self.before, condition);
     }
 
+    /// The object was patched to `generation` by this reconcile: the status describes it.
+    fn observed(&mut self, generation: Option<i64>) {
+        self.generation = generation;
+        self.status.observed_generation = generation;
+        for condition in &mut self.conditions {
+            condition.observed_generation = generation;
+        }
+    }
+
     /// The VM is not there (yet): `VMProvisioned` and the summary say why.
     fn waiting(&mut self, reason: &str, message: impl Into<String>) {
         let message = message.into();
@@ -246,6 +255,14 @@ async fn apply<B: Backend>(
     }
     draft.set(cond::PAUSED, false, reason::NOT_PAUSED, "");
 
+    // After a failure this object rests (its own status write must not retry at once).
+    let k = key(object.as_ref());
+    if let Some(left) = ctx.parked(&k, draft.generation) {
+        return Ok(Action::requeue(left));
+    }
+    let generation = draft.generation;
+    let invalid = || Action::requeue(ctx.park(&k, generation, ctx.settings.invalid_requeue));
+
     // Cluster infrastructure provisioned.
     let cluster_name = cluster.name_any();
     let infra = infra_cluster(ctx, &object, Some(cluster)).await?;
@@ -276,9 +293,7 @@ async fn apply<B: Backend>(
                     format!("bootstrap data Secret {name} does not exist yet"),
                     Action::requeue(ctx.settings.poll_interval * 5),
                 ),
-                capi::BootstrapProblem::Invalid(message) => {
-                    (message, Action::requeue(ctx.settings.invalid_requeue))
-                }
+                capi::BootstrapProblem::Invalid(message) => (message, invalid()),
             };
             draft.waiting(reason::WAITING_FOR_BOOTSTRAP_DATA, message);
             return finish(api, &object, draft, ctx, next).await;
@@ -306,6 +321,7 @@ async fn apply<B: Backend>(
         let patched = api
             .patch(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
+        draft.observed(patched.meta().generation);
         draft.status.host = patched.spec.host.clone();
         draft.status.failure_domain = patched.spec.host.clone();
         draft.status.domain_uuid = patched.spec.domain_uuid.clone();
@@ -315,8 +331,7 @@ async fn apply<B: Backend>(
     };
     let (Some(identity), Some(host_name)) = (identity(&object), object.spec.host.clone()) else {
         draft.waiting(reason::INVALID_SPEC, "spec.domainUUID is not a UUID");
-        return finish(api, &object, draft, ctx, Action::requeue(ctx.settings.invalid_requeue))
-            .await;
+        return finish(api, &object, draft, ctx, invalid()).await;
     };
 
     // The host, and its record in the cluster's hostsInUse (made before anything is created).
@@ -324,8 +339,7 @@ async fn apply<B: Backend>(
         Ok(host) => host,
         Err(message) => {
             draft.waiting(reason::INVALID_SPEC, message);
-            return finish(api, &object, draft, ctx, Action::requeue(ctx.settings.invalid_requeue))
-                .await;
+            return finish(api, &object, draft, ctx, invalid()).await;
         }
     };
     let recorded = infra
@@ -346,11 +360,9 @@ async fn apply<B: Backend>(
         Ok(request) => request,
         Err(error) => {
             draft.waiting(reason::INVALID_SPEC, error.to_string());
-            return finish(api, &object, draft, ctx, Action::requeue(ctx.settings.invalid_requeue))
-                .await;
+            return finish(api, &object, draft, ctx, invalid()).await;
         }
     };
-    let k = key(object.as_ref());
     let state = match ctx.backend.ensure(&request).await {
         Ok(Provisioning::InProgress { step }) => {
             let reason = match step {
@@ -373,8 +385,10 @@ async fn apply<B: Backend>(
     let provider_id = plan::provider_id(&identity);
     if object.spec.provider_id.is_none() {
         let patch = json!({"spec": {"providerID": provider_id}});
-        api.patch(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        let patched = api
+            .patch(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
+        draft.observed(patched.meta().generation);
     }
     draft.status.state = Some(state.domain.state.clone());
     if !state.domain.is_running() {
@@ -430,10 +444,11 @@ async fn apply<B: Backend>(
 /// Records a backend failure in the draft and picks the requeue by its kind.
 fn failed<B: Backend>(draft: &mut Draft, error: &BackendError, key: &str, ctx: &Context<B>) -> Action {
     draft.waiting(&error.reason(), error.to_string());
-    match error.kind {
-        ErrorKind::Invalid | ErrorKind::Conflict => Action::requeue(ctx.settings.invalid_requeue),
-        ErrorKind::Transient | ErrorKind::HostUnreachable => Action::requeue(ctx.backoff(key)),
-    }
+    let delay = match error.kind {
+        ErrorKind::Invalid | ErrorKind::Conflict => ctx.settings.invalid_requeue,
+        ErrorKind::Transient | ErrorKind::HostUnreachable => ctx.backoff(key),
+    };
+    Action::requeue(ctx.park(key, draft.generation, delay))
 }
 
 async fn finish<B: Backend>(
@@ -526,11 +541,13 @@ async fn place<B: Backend>(
     infra: &LibvirtCluster,
     ctx: &Context<B>,
 ) -> std::result::Result<String, (&'static str, String, Action)> {
+    let k = key(object);
+    let generation = object.meta().generation;
     let invalid = |message: String| {
         (
             reason::INVALID_SPEC,
             message,
-            Action::requeue(ctx.settings.invalid_requeue),
+            Action::requeue(ctx.park(&k, generation, ctx.settings.invalid_requeue)),
         )
     };
     if let Some(domain) = capi::string_at(machine, "/spec/failureDomain") {
@@ -577,7 +594,7 @@ async fn place<B: Backend>(
                 if control_plane { "control-plane " } else { "" },
                 problems.join("; ")
             ),
-            Action::requeue(ctx.backoff(&key(object))),
+            Action::requeue(ctx.park(&k, generation, ctx.backoff(&k))),
         )
     })
 }
