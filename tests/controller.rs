@@ -35,7 +35,11 @@ async fn env(ns: &str) -> Env {
     let client = bed.client().await;
     namespace(&client, ns).await;
     let fake = Arc::new(FakeBackend::new());
-    fake.add_volume(&support::host_uri("test:///default"), "default", BASE_VOLUME);
+    fake.add_volume(
+        &support::host_uri("test:///default"),
+        "default",
+        BASE_VOLUME,
+    );
     let running = Running::start(&client, fake.clone(), settings(ns));
     let (clusters, machines) = ours(&client, ns);
     Env {
@@ -173,12 +177,17 @@ async fn cluster_becomes_provisioned_with_failure_domains() {
             .contains(&capl::controller::FINALIZER.to_owned())
     );
     // Cluster API mirrors it into the Cluster.
-    eventually("the Cluster's infrastructure to be provisioned", WAIT, || async {
-        let c = capi(&env.client, &env.ns, "Cluster").get("c1").await.ok()?;
-        (c.data.pointer("/status/initialization/infrastructureProvisioned")
-            == Some(&json!(true)))
-        .then_some(())
-    })
+    eventually(
+        "the Cluster's infrastructure to be provisioned",
+        WAIT,
+        || async {
+            let c = capi(&env.client, &env.ns, "Cluster").get("c1").await.ok()?;
+            (c.data
+                .pointer("/status/initialization/infrastructureProvisioned")
+                == Some(&json!(true)))
+            .then_some(())
+        },
+    )
     .await;
     env.stop().await;
 }
@@ -188,7 +197,11 @@ async fn machine_reaches_provisioned_with_provider_id_and_addresses() {
     let env = env("ctl-machine").await;
     env.provisioned_cluster("c1").await;
     let machine = env.provisioned_machine("c1", "m1").await;
-    let uuid = machine.spec.domain_uuid.clone().expect("domainUUID persisted");
+    let uuid = machine
+        .spec
+        .domain_uuid
+        .clone()
+        .expect("domainUUID persisted");
     assert_eq!(
         machine.spec.provider_id.as_deref(),
         Some(format!("libvirt://{uuid}").as_str())
@@ -244,7 +257,10 @@ async fn deleted_status_is_rebuilt_identically() {
         comparable_status(&after.status),
         comparable_status(&before.status)
     );
-    assert!(env.fake.calls(Method::Ensure) > ensures, "rebuilt from the backend");
+    assert!(
+        env.fake.calls(Method::Ensure) > ensures,
+        "rebuilt from the backend"
+    );
     assert_eq!(env.domains().await, 1, "no second VM");
     env.stop().await;
 }
@@ -265,7 +281,12 @@ async fn deleting_the_machine_deletes_the_vm_and_removes_the_finalizer() {
         .await
         .expect("deleting the Machine");
     eventually("the LibvirtMachine to be gone", WAIT, || async {
-        env.machines.get_opt("m1").await.ok()?.is_none().then_some(())
+        env.machines
+            .get_opt("m1")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
     assert_eq!(env.domains().await, 0, "the VM is gone");
@@ -295,9 +316,8 @@ async fn a_paused_cluster_gets_no_backend_call() {
     eventually("Paused conditions", WAIT, || async {
         let m = env.machines.get("m1").await.ok()?;
         let c = env.clusters.get("c1").await.ok()?;
-        let paused = |s: serde_json::Value| {
-            condition(&s, "Paused").is_some_and(|c| c["status"] == "True")
-        };
+        let paused =
+            |s: serde_json::Value| condition(&s, "Paused").is_some_and(|c| c["status"] == "True");
         (paused(serde_json::to_value(&m.status).unwrap())
             && paused(serde_json::to_value(&c.status).unwrap()))
         .then_some(())
@@ -316,7 +336,11 @@ async fn a_paused_cluster_gets_no_backend_call() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(env.fake.total_calls(), calls, "no backend call while paused");
+    assert_eq!(
+        env.fake.total_calls(),
+        calls,
+        "no backend call while paused"
+    );
     env.set_paused("c1", false).await;
     eventually("calls to resume", WAIT, || async {
         (env.fake.total_calls() > calls).then_some(())
@@ -351,7 +375,12 @@ async fn a_moved_machine_finds_its_vm_and_creates_none() {
         .await
         .unwrap();
     eventually("the old object to be gone", WAIT, || async {
-        env.machines.get_opt("m1").await.ok()?.is_none().then_some(())
+        env.machines
+            .get_opt("m1")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
     let mut moved = libvirt_machine("c1", "m1");
@@ -380,7 +409,10 @@ async fn a_moved_machine_finds_its_vm_and_creates_none() {
         }
         comparable_status(&status)
     };
-    assert_eq!(without_generations(&rebuilt), without_generations(&original));
+    assert_eq!(
+        without_generations(&rebuilt),
+        without_generations(&original)
+    );
     let uuid = uuid::Uuid::parse_str(original.spec.domain_uuid.as_deref().unwrap()).unwrap();
     assert_eq!(
         env.fake
@@ -408,7 +440,10 @@ async fn an_invalid_error_is_a_condition_not_a_hot_loop() {
     let ensures = env.fake.calls(Method::Ensure);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let more = env.fake.calls(Method::Ensure) - ensures;
-    assert!(more <= 1, "{more} ensure calls in 5 s after an Invalid error");
+    assert!(
+        more <= 1,
+        "{more} ensure calls in 5 s after an Invalid error"
+    );
     assert_eq!(env.domains().await, 0);
     env.stop().await;
 }

@@ -154,7 +154,13 @@ async fn apply<B: Backend>(
         cond::set(
             &mut conditions,
             &before,
-            cond::new(cond::PAUSED, true, reason::PAUSED, "reconciliation is paused", generation),
+            cond::new(
+                cond::PAUSED,
+                true,
+                reason::PAUSED,
+                "reconciliation is paused",
+                generation,
+            ),
         );
         let status = LibvirtClusterStatus {
             conditions: Some(cond::sorted(conditions)),
@@ -201,7 +207,13 @@ async fn apply<B: Backend>(
         &mut conditions,
         &before,
         if hosts_ok {
-            cond::new(cond::HOSTS_REACHABLE, true, reason::READY, versions.join("; "), generation)
+            cond::new(
+                cond::HOSTS_REACHABLE,
+                true,
+                reason::READY,
+                versions.join("; "),
+                generation,
+            )
         } else {
             cond::new(
                 cond::HOSTS_REACHABLE,
@@ -238,7 +250,13 @@ async fn apply<B: Backend>(
         if provisioned && hosts_ok {
             cond::new(cond::READY, true, reason::READY, "", generation)
         } else if provisioned {
-            cond::new(cond::READY, false, reason::HOST_UNREACHABLE, problems.join("; "), generation)
+            cond::new(
+                cond::READY,
+                false,
+                reason::HOST_UNREACHABLE,
+                problems.join("; "),
+                generation,
+            )
         } else {
             cond::new(
                 cond::READY,
@@ -440,8 +458,13 @@ async fn write_status<B: Backend>(
         &Patch::Apply(&patch),
     )
     .await?;
-    transition_event(object, previous.conditions.as_deref(), status.conditions.as_deref(), ctx)
-        .await;
+    transition_event(
+        object,
+        previous.conditions.as_deref(),
+        status.conditions.as_deref(),
+        ctx,
+    )
+    .await;
     Ok(())
 }
 

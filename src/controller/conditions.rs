@@ -124,7 +124,11 @@ mod tests {
         assert_eq!(out[0].last_transition_time, first.last_transition_time);
         assert_eq!(out[0].reason, reason::BOOTING);
         let mut out = Vec::new();
-        set(&mut out, &previous, new(READY, true, reason::READY, "", Some(1)));
+        set(
+            &mut out,
+            &previous,
+            new(READY, true, reason::READY, "", Some(1)),
+        );
         assert_ne!(out[0].last_transition_time, first.last_transition_time);
         assert!(is_true(&out, READY));
     }

@@ -236,11 +236,7 @@ impl<B: Backend> Context<B> {
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(error) = self
-            .recorder
-            .publish(&event, &object.object_ref(&()))
-            .await
-        {
+        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
             tracing::debug!(%error, reason, "publishing an event failed");
         }
     }
@@ -262,7 +258,11 @@ pub fn managed_elsewhere<K: Resource>(object: &K) -> bool {
 
 /// The error policy of both controllers: a waiting cleanup is retried as asked; anything else
 /// backs off exponentially per object.
-fn error_policy<K: Resource, B: Backend>(object: Arc<K>, error: &Error, ctx: Arc<Context<B>>) -> Action {
+fn error_policy<K: Resource, B: Backend>(
+    object: Arc<K>,
+    error: &Error,
+    ctx: Arc<Context<B>>,
+) -> Action {
     if let Some(wait) = waiting(error) {
         return Action::requeue(wait);
     }
@@ -287,7 +287,11 @@ fn waiting(error: &Error) -> Option<Duration> {
 /// Runs the finalizer helper on `object`, keeping our own error type.
 pub async fn with_finalizer<K, F, Fut>(api: &Api<K>, object: Arc<K>, reconcile: F) -> Result<Action>
 where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
     F: FnOnce(kube::runtime::finalizer::Event<K>) -> Fut,
     Fut: Future<Output = Result<Action>>,
 {
@@ -337,10 +341,11 @@ pub async fn run<B: Backend>(
         machines.clone(),
         clusters.clone(),
     ));
-    let machine_run = machine::controller(machine_controller, &client, &settings, &machines, &clusters)
-        .with_config(config.clone())
-        .graceful_shutdown_on(stopped(stop_rx.clone()))
-        .run(machine::reconcile, error_policy, machine_ctx);
+    let machine_run =
+        machine::controller(machine_controller, &client, &settings, &machines, &clusters)
+            .with_config(config.clone())
+            .graceful_shutdown_on(stopped(stop_rx.clone()))
+            .run(machine::reconcile, error_policy, machine_ctx);
 
     let cluster_ctx = Arc::new(Context::new(
         client.clone(),
@@ -359,7 +364,10 @@ pub async fn run<B: Backend>(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    tokio::join!(drain(machine_run, "LibvirtMachine"), drain(cluster_run, "LibvirtCluster"));
+    tokio::join!(
+        drain(machine_run, "LibvirtMachine"),
+        drain(cluster_run, "LibvirtCluster")
+    );
     stop.abort();
     Ok(())
 }
@@ -369,15 +377,18 @@ pub async fn run<B: Backend>(
 /// dependency.)
 async fn drain<S, K, E1, E2>(stream: S, kind: &'static str)
 where
-    S: WatchStreamExt<Item = std::result::Result<(ObjectRef<K>, Action), kube::runtime::controller::Error<E1, E2>>>,
+    S: WatchStreamExt<
+        Item = std::result::Result<
+            (ObjectRef<K>, Action),
+            kube::runtime::controller::Error<E1, E2>,
+        >,
+    >,
     K: Resource,
     E1: std::error::Error + 'static,
     E2: std::error::Error + 'static,
 {
     let mut stream = Box::pin(stream);
-    while let Some(item) =
-        std::future::poll_fn(|cx| Pin::as_mut(&mut stream).poll_next(cx)).await
-    {
+    while let Some(item) = std::future::poll_fn(|cx| Pin::as_mut(&mut stream).poll_next(cx)).await {
         if let Err(error) = item {
             tracing::debug!(kind, %error, "reconcile did not complete");
         }
@@ -398,7 +409,11 @@ fn refs_where<K: Resource<DynamicType = ()> + Clone>(
 }
 
 /// A CAPI object watch (Machines or Clusters) in the watched namespace.
-fn capi_api(client: &Client, settings: &Settings, resource: &kube::core::ApiResource) -> Api<DynamicObject> {
+fn capi_api(
+    client: &Client,
+    settings: &Settings,
+    resource: &kube::core::ApiResource,
+) -> Api<DynamicObject> {
     match &settings.namespace {
         Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
         None => Api::all_with(client.clone(), resource),

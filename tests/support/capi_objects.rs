@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::Client;
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::Client;
 use serde_json::{Value, json};
 
 use capl::api::{LibvirtCluster, LibvirtMachine};
@@ -19,7 +19,8 @@ use capl::libvirt::uri::UriPolicy;
 
 /// A Cluster API core kind at v1beta2.
 pub fn capi(client: &Client, namespace: &str, kind: &str) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk("cluster.x-k8s.io", "v1beta2", kind));
+    let resource =
+        ApiResource::from_gvk(&GroupVersionKind::gvk("cluster.x-k8s.io", "v1beta2", kind));
     Api::namespaced_with(client.clone(), namespace, &resource)
 }
 
@@ -56,9 +57,14 @@ impl Running {
     /// Starts both controllers on `backend`.
     pub fn start<B: Backend>(client: &Client, backend: Arc<B>, settings: Settings) -> Self {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(capl::controller::run(client.clone(), backend, settings, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(capl::controller::run(
+            client.clone(),
+            backend,
+            settings,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         Self {
             stop: Some(tx),
             task: Some(task),
@@ -181,7 +187,10 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -215,13 +215,7 @@ impl Draft {
                 unmet.message,
                 self.generation,
             ),
-            Some(None) => cond::new(
-                cond::READY,
-                false,
-                reason::CREATING,
-                "",
-                self.generation,
-            ),
+            Some(None) => cond::new(cond::READY, false, reason::CREATING, "", self.generation),
         };
         cond::set(&mut self.conditions, &self.before, ready);
         self.status.conditions = Some(cond::sorted(self.conditions));
@@ -244,7 +238,13 @@ async fn apply<B: Backend>(
         cond::set(
             &mut conditions,
             &draft.before,
-            cond::new(cond::PAUSED, true, reason::PAUSED, "reconciliation is paused", draft.generation),
+            cond::new(
+                cond::PAUSED,
+                true,
+                reason::PAUSED,
+                "reconciliation is paused",
+                draft.generation,
+            ),
         );
         let status = LibvirtMachineStatus {
             conditions: Some(cond::sorted(conditions)),
@@ -319,7 +319,11 @@ async fn apply<B: Backend>(
         };
         let patch = json!({"spec": {"domainUUID": uuid, "host": host}});
         let patched = api
-            .patch(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                &object.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
             .await?;
         draft.observed(patched.meta().generation);
         draft.status.host = patched.spec.host.clone();
@@ -350,13 +354,29 @@ async fn apply<B: Backend>(
     if !recorded {
         draft.waiting(
             reason::WAITING_FOR_HOST_RECORD,
-            format!("waiting for host {host_name} to be recorded in the LibvirtCluster's hostsInUse"),
+            format!(
+                "waiting for host {host_name} to be recorded in the LibvirtCluster's hostsInUse"
+            ),
         );
-        return finish(api, &object, draft, ctx, Action::requeue(ctx.settings.poll_interval)).await;
+        return finish(
+            api,
+            &object,
+            draft,
+            ctx,
+            Action::requeue(ctx.settings.poll_interval),
+        )
+        .await;
     }
 
     // The request, then the backend.
-    let request = match plan::plan(&object, &infra, &cluster_name, &identity, host.clone(), Some(&data)) {
+    let request = match plan::plan(
+        &object,
+        &infra,
+        &cluster_name,
+        &identity,
+        host.clone(),
+        Some(&data),
+    ) {
         Ok(request) => request,
         Err(error) => {
             draft.waiting(reason::INVALID_SPEC, error.to_string());
@@ -370,8 +390,18 @@ async fn apply<B: Backend>(
                 Step::Start => reason::BOOTING,
                 _ => reason::CREATING,
             };
-            draft.waiting(reason, format!("creating the VM on host {host_name}: {step}"));
-            return finish(api, &object, draft, ctx, Action::requeue(ctx.settings.poll_interval)).await;
+            draft.waiting(
+                reason,
+                format!("creating the VM on host {host_name}: {step}"),
+            );
+            return finish(
+                api,
+                &object,
+                draft,
+                ctx,
+                Action::requeue(ctx.settings.poll_interval),
+            )
+            .await;
         }
         Ok(Provisioning::Ready(state)) => state,
         Err(error) => {
@@ -386,14 +416,28 @@ async fn apply<B: Backend>(
     if object.spec.provider_id.is_none() {
         let patch = json!({"spec": {"providerID": provider_id}});
         let patched = api
-            .patch(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                &object.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
             .await?;
         draft.observed(patched.meta().generation);
     }
     draft.status.state = Some(state.domain.state.clone());
     if !state.domain.is_running() {
-        draft.waiting(reason::BOOTING, format!("the domain is {}", state.domain.state));
-        return finish(api, &object, draft, ctx, Action::requeue(ctx.settings.poll_interval)).await;
+        draft.waiting(
+            reason::BOOTING,
+            format!("the domain is {}", state.domain.state),
+        );
+        return finish(
+            api,
+            &object,
+            draft,
+            ctx,
+            Action::requeue(ctx.settings.poll_interval),
+        )
+        .await;
     }
     draft.set(cond::VM_PROVISIONED, true, reason::READY, "");
     draft.status.initialization = Some(Initialization {
@@ -419,11 +463,19 @@ async fn apply<B: Backend>(
         }
         Ok(_) => {
             // The guest reports none: keep the last known ones.
-            let known = draft.status.addresses.as_ref().is_some_and(|a| !a.is_empty());
+            let known = draft
+                .status
+                .addresses
+                .as_ref()
+                .is_some_and(|a| !a.is_empty());
             draft.set(
                 cond::ADDRESSES_KNOWN,
                 known,
-                if known { reason::READY } else { reason::WAITING_FOR_ADDRESS },
+                if known {
+                    reason::READY
+                } else {
+                    reason::WAITING_FOR_ADDRESS
+                },
                 if known {
                     "the guest reports no address now; showing the last known"
                 } else {
@@ -433,8 +485,17 @@ async fn apply<B: Backend>(
             Action::requeue(ctx.settings.poll_interval)
         }
         Err(error) => {
-            let known = draft.status.addresses.as_ref().is_some_and(|a| !a.is_empty());
-            draft.set(cond::ADDRESSES_KNOWN, known, &error.reason(), error.to_string());
+            let known = draft
+                .status
+                .addresses
+                .as_ref()
+                .is_some_and(|a| !a.is_empty());
+            draft.set(
+                cond::ADDRESSES_KNOWN,
+                known,
+                &error.reason(),
+                error.to_string(),
+            );
             Action::requeue(ctx.backoff(&k))
         }
     };
@@ -442,7 +503,12 @@ async fn apply<B: Backend>(
 }
 
 /// Records a backend failure in the draft and picks the requeue by its kind.
-fn failed<B: Backend>(draft: &mut Draft, error: &BackendError, key: &str, ctx: &Context<B>) -> Action {
+fn failed<B: Backend>(
+    draft: &mut Draft,
+    error: &BackendError,
+    key: &str,
+    ctx: &Context<B>,
+) -> Action {
     draft.waiting(&error.reason(), error.to_string());
     let delay = match error.kind {
         ErrorKind::Invalid | ErrorKind::Conflict => ctx.settings.invalid_requeue,
@@ -578,7 +644,10 @@ async fn place<B: Backend>(
         };
         match ctx.backend.capacity(&href, &pool).await {
             Ok((facts, _)) if facts.free_memory_bytes >= needed => {
-                if best.as_ref().is_none_or(|(free, _)| facts.free_memory_bytes > *free) {
+                if best
+                    .as_ref()
+                    .is_none_or(|(free, _)| facts.free_memory_bytes > *free)
+                {
                     best = Some((facts.free_memory_bytes, host.name.clone()));
                 }
             }
@@ -612,7 +681,13 @@ async fn cleanup<B: Backend>(
         cond::set(
             &mut conditions,
             &draft.before,
-            cond::new(cond::PAUSED, true, reason::PAUSED, "reconciliation is paused", draft.generation),
+            cond::new(
+                cond::PAUSED,
+                true,
+                reason::PAUSED,
+                "reconciliation is paused",
+                draft.generation,
+            ),
         );
         let status = LibvirtMachineStatus {
             conditions: Some(cond::sorted(conditions)),
@@ -654,25 +729,46 @@ async fn cleanup<B: Backend>(
                 object,
                 EventType::Normal,
                 "Deleted",
-                format!("deleted domain {} and its volumes on host {host_name}", identity.uuid),
+                format!(
+                    "deleted domain {} and its volumes on host {host_name}",
+                    identity.uuid
+                ),
             )
             .await;
             Ok(Action::await_change())
         }
         Ok(Deletion::ShuttingDown { deadline }) => {
-            draft.set(cond::DELETING, true, reason::DELETING, format!("the guest on host {host_name} is shutting down"));
+            draft.set(
+                cond::DELETING,
+                true,
+                reason::DELETING,
+                format!("the guest on host {host_name} is shutting down"),
+            );
             finish(api, object, draft, ctx, Action::await_change()).await?;
             let left = deadline.saturating_duration_since(Instant::now());
-            Err(Error::Wait(left.clamp(Duration::from_millis(100), ctx.settings.poll_interval)))
+            Err(Error::Wait(left.clamp(
+                Duration::from_millis(100),
+                ctx.settings.poll_interval,
+            )))
         }
         Err(error) if error.kind == ErrorKind::Conflict => {
             // The UUID belongs to another object's domain: nothing of ours exists under it.
-            ctx.event(object, EventType::Warning, &error.reason(), error.to_string())
-                .await;
+            ctx.event(
+                object,
+                EventType::Warning,
+                &error.reason(),
+                error.to_string(),
+            )
+            .await;
             Ok(Action::await_change())
         }
         Err(error) => {
-            draft.set(cond::DELETING, false, reason::DELETION_FAILED, error.to_string());
+            draft.set(
+                cond::DELETING,
+                false,
+                reason::DELETION_FAILED,
+                error.to_string(),
+            );
             finish(api, object, draft, ctx, Action::await_change()).await?;
             Err(Error::Wait(ctx.backoff(&k)))
         }
@@ -702,7 +798,12 @@ async fn write_status<B: Backend>(
         &Patch::Apply(&patch),
     )
     .await?;
-    transition_event(object, previous.conditions.as_deref(), status.conditions.as_deref(), ctx)
-        .await;
+    transition_event(
+        object,
+        previous.conditions.as_deref(),
+        status.conditions.as_deref(),
+        ctx,
+    )
+    .await;
     Ok(())
 }

@@ -231,8 +231,7 @@ mod tests {
             format: BootstrapFormat::CloudConfig,
             value: Sensitive::new(b"#cloud-config\n".to_vec()),
         };
-        let request =
-            plan(&machine, &cluster, "c", &identity, host(), Some(&data)).expect("plan");
+        let request = plan(&machine, &cluster, "c", &identity, host(), Some(&data)).expect("plan");
         assert_eq!(request.pool, "fast");
         assert_eq!(request.cpu_mode, CpuMode::HostPassthrough);
         assert_eq!(request.interfaces.len(), 1);
@@ -265,11 +264,11 @@ mod tests {
         let identity = MachineIdentity::new("ns", "m1", MachineIdentity::uuid_for_uid("u"));
         let request = plan(&machine, &cluster, "c", &identity, host(), None).expect("plan");
         assert_eq!(request.pool, "slow");
-        assert_eq!(request.interfaces[0].source, NicSource::Bridge("br0".into()));
         assert_eq!(
-            request.interfaces[0].mac.to_string(),
-            "52:54:00:12:34:56"
+            request.interfaces[0].source,
+            NicSource::Bridge("br0".into())
         );
+        assert_eq!(request.interfaces[0].mac.to_string(), "52:54:00:12:34:56");
         machine.spec.network_interfaces.as_mut().expect("nics")[0].mac_address =
             Some("zz:54:00:12:34:56".into());
         assert!(plan(&machine, &cluster, "c", &identity, host(), None).is_err());
