@@ -235,6 +235,28 @@ async fn machine_reaches_provisioned_with_provider_id_and_addresses() {
     })
     .await;
     assert_eq!(env.domains().await, 1);
+    // Transitions are Events.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    let reasons = eventually("a Ready event", WAIT, || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        let reasons: Vec<String> = list
+            .items
+            .iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("m1"))
+            .filter_map(|e| e.reason.clone())
+            .collect();
+        reasons.iter().any(|r| r == "Ready").then_some(reasons)
+    })
+    .await;
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r == "WaitingForClusterInfrastructure"
+                || r == "Creating"
+                || r == "WaitingForHostRecord"),
+        "{reasons:?}"
+    );
     env.stop().await;
 }
 
@@ -507,5 +529,153 @@ async fn an_orphaned_domain_of_the_cluster_is_swept() {
         Some(true),
         "another cluster's domain is left alone"
     );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn placement_honours_failure_domains_and_control_plane_hosts() {
+    let env = env("ctl-place").await;
+    // Host `b` (workers only) comes first: among equals the first eligible host wins.
+    let mut infra = libvirt_cluster("c1");
+    infra.spec.hosts.reverse();
+    capi(&env.client, &env.ns, "Cluster")
+        .create(&PostParams::default(), &cluster("c1"))
+        .await
+        .unwrap();
+    env.clusters
+        .create(&PostParams::default(), &infra)
+        .await
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    let machines = capi(&env.client, &env.ns, "Machine");
+    for (name, control_plane, failure_domain, format) in [
+        ("cp", true, None, "cloud-config"),
+        ("worker", false, None, "ignition"),
+        ("pinned", false, Some("a"), "cloud-config"),
+    ] {
+        let mut secret = bootstrap_secret(name);
+        let data = secret.string_data.get_or_insert_default();
+        data.insert("format".into(), format.into());
+        data.insert("value".into(), "{\"ignition\":{}}".into());
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+        env.machines
+            .create(&PostParams::default(), &libvirt_machine("c1", name))
+            .await
+            .unwrap();
+        let mut m = machine("c1", name);
+        if control_plane {
+            m.metadata
+                .labels
+                .get_or_insert_default()
+                .insert("cluster.x-k8s.io/control-plane".into(), String::new());
+        }
+        if let Some(domain) = failure_domain {
+            m.data["spec"]["failureDomain"] = json!(domain);
+        }
+        machines.create(&PostParams::default(), &m).await.unwrap();
+    }
+    let host_of = |m: LibvirtMachine| m.spec.host.clone().unwrap_or_default();
+    assert_eq!(
+        host_of(env.wait_provisioned("cp").await),
+        "a",
+        "control plane"
+    );
+    assert_eq!(host_of(env.wait_provisioned("worker").await), "b", "worker");
+    assert_eq!(
+        host_of(env.wait_provisioned("pinned").await),
+        "a",
+        "failureDomain"
+    );
+    let worker = env.machines.get("worker").await.unwrap();
+    let prefix = format!(
+        "{}_worker_{}",
+        env.ns,
+        &worker.spec.domain_uuid.unwrap().replace('-', "")[..8]
+    );
+    let volumes = env.fake.volumes(&support::host_uri("test:///default"));
+    assert!(
+        volumes
+            .iter()
+            .any(|(_, v)| v.starts_with(&prefix) && v.ends_with("-ignition.json")),
+        "ignition delivered: {volumes:?}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_the_libvirt_cluster_waits_for_its_machines() {
+    let env = env("ctl-cluster-delete").await;
+    env.provisioned_cluster("c1").await;
+    env.provisioned_machine("c1", "m1").await;
+    env.clusters
+        .delete("c1", &DeleteParams::default())
+        .await
+        .unwrap();
+    let waiting = eventually("the cluster to wait for its machines", WAIT, || async {
+        let c = env.clusters.get("c1").await.ok()?;
+        let status = serde_json::to_value(&c.status).unwrap();
+        let deleting = condition(&status, "Deleting")?;
+        (deleting["reason"] == "WaitingForMachinesDeleted").then_some(deleting)
+    })
+    .await;
+    assert!(
+        waiting["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 LibvirtMachine"),
+        "{waiting}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(env.clusters.get_opt("c1").await.unwrap().is_some());
+    capi(&env.client, &env.ns, "Machine")
+        .delete("m1", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the LibvirtCluster to be gone", WAIT, || async {
+        env.clusters
+            .get_opt("c1")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(env.domains().await, 0);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_host_is_a_condition_and_recovers() {
+    let env = env("ctl-unreachable").await;
+    env.provisioned_cluster("c1").await;
+    let uri = support::host_uri("test:///default");
+    env.fake.set_unreachable(&uri, true);
+    env.create_machine("c1", "m1").await;
+    eventually(
+        "HostUnreachable on the cluster and the machine",
+        WAIT,
+        || async {
+            let c = env.clusters.get("c1").await.ok()?;
+            let m = env.machines.get("m1").await.ok()?;
+            let hosts = condition(&serde_json::to_value(&c.status).unwrap(), "HostsReachable")?;
+            let machine_reason = reason_of(&m, "Ready")?;
+            (hosts["status"] == "False"
+                && hosts["reason"] == "HostUnreachable"
+                && machine_reason == "NoHostAvailable")
+                .then_some(())
+        },
+    )
+    .await;
+    env.fake.set_unreachable(&uri, false);
+    env.wait_provisioned("m1").await;
+    eventually("the hosts to be reachable again", WAIT, || async {
+        let c = env.clusters.get("c1").await.ok()?;
+        let hosts = condition(&serde_json::to_value(&c.status).unwrap(), "HostsReachable")?;
+        (hosts["status"] == "True").then_some(())
+    })
+    .await;
     env.stop().await;
 }

@@ -107,6 +107,18 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// The settings a manager's command line asks for (`--allow-test-driver`, `--namespace`,
+    /// `--watch-filter`); everything else keeps its default.
+    pub fn from_run_args(args: &crate::config::RunArgs) -> Self {
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        Self {
+            uri_policy: args.uri_policy(),
+            namespace: non_empty(&args.namespace),
+            watch_filter: non_empty(&args.watch_filter),
+            ..Self::default()
+        }
+    }
+
     /// The watcher configuration every watch of our kinds uses (`--watch-filter`).
     fn watcher_config(&self) -> watcher::Config {
         match &self.watch_filter {
@@ -341,11 +353,10 @@ pub async fn run<B: Backend>(
         machines.clone(),
         clusters.clone(),
     ));
-    let machine_run =
-        machine::controller(machine_controller, &client, &settings, &machines, &clusters)
-            .with_config(config.clone())
-            .graceful_shutdown_on(stopped(stop_rx.clone()))
-            .run(machine::reconcile, error_policy, machine_ctx);
+    let machine_run = machine::controller(machine_controller, &client, &settings, &machines)
+        .with_config(config.clone())
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .run(machine::reconcile, error_policy, machine_ctx);
 
     let cluster_ctx = Arc::new(Context::new(
         client.clone(),

@@ -42,7 +42,6 @@ pub fn controller(
     client: &Client,
     settings: &Settings,
     machines: &Store<LibvirtMachine>,
-    _clusters: &Store<LibvirtCluster>,
 ) -> Controller<LibvirtMachine> {
     let machine_resource = capi::resource("Machine");
     let cluster_resource = capi::resource("Cluster");
@@ -234,23 +233,20 @@ async fn apply<B: Backend>(
 
     // Paused: only say so; no libvirt call.
     if capi::paused(Some(cluster), object.as_ref()) {
-        let mut conditions = draft.before.clone();
-        cond::set(
-            &mut conditions,
-            &draft.before,
-            cond::new(
+        let generation = draft.generation;
+        amend_status(
+            api,
+            &object,
+            ctx,
+            vec![cond::new(
                 cond::PAUSED,
                 true,
                 reason::PAUSED,
                 "reconciliation is paused",
-                draft.generation,
-            ),
-        );
-        let status = LibvirtMachineStatus {
-            conditions: Some(cond::sorted(conditions)),
-            ..draft.previous.clone()
-        };
-        write_status(api, &object, &draft.previous, &status, ctx).await?;
+                generation,
+            )],
+        )
+        .await?;
         return Ok(Action::await_change());
     }
     draft.set(cond::PAUSED, false, reason::NOT_PAUSED, "");
@@ -674,26 +670,23 @@ async fn cleanup<B: Backend>(
     cluster: Option<&DynamicObject>,
     ctx: &Context<B>,
 ) -> Result<Action> {
-    let mut draft = Draft::new(object);
+    let generation = object.meta().generation;
+    let deleting = |ok: bool, reason: &str, message: String| {
+        vec![
+            cond::new(cond::DELETING, ok, reason, message.clone(), generation),
+            cond::new(cond::READY, false, reason, message, generation),
+        ]
+    };
     // Paused (e.g. during `clusterctl move`): nothing is deleted.
     if capi::paused(cluster, object) {
-        let mut conditions = draft.before.clone();
-        cond::set(
-            &mut conditions,
-            &draft.before,
-            cond::new(
-                cond::PAUSED,
-                true,
-                reason::PAUSED,
-                "reconciliation is paused",
-                draft.generation,
-            ),
+        let paused = cond::new(
+            cond::PAUSED,
+            true,
+            reason::PAUSED,
+            "reconciliation is paused",
+            generation,
         );
-        let status = LibvirtMachineStatus {
-            conditions: Some(cond::sorted(conditions)),
-            ..draft.previous.clone()
-        };
-        write_status(api, object, &draft.previous, &status, ctx).await?;
+        amend_status(api, object, ctx, vec![paused]).await?;
         return Err(Error::Wait(ctx.settings.resync));
     }
     // The identity is persisted before anything is created: without it, nothing exists.
@@ -712,8 +705,13 @@ async fn cleanup<B: Backend>(
     let host = match host {
         Ok(host) => host,
         Err(message) => {
-            draft.set(cond::DELETING, false, reason::DELETION_FAILED, message);
-            finish(api, object, draft, ctx, Action::await_change()).await?;
+            amend_status(
+                api,
+                object,
+                ctx,
+                deleting(false, reason::DELETION_FAILED, message),
+            )
+            .await?;
             return Err(Error::Wait(ctx.settings.invalid_requeue));
         }
     };
@@ -738,13 +736,8 @@ async fn cleanup<B: Backend>(
             Ok(Action::await_change())
         }
         Ok(Deletion::ShuttingDown { deadline }) => {
-            draft.set(
-                cond::DELETING,
-                true,
-                reason::DELETING,
-                format!("the guest on host {host_name} is shutting down"),
-            );
-            finish(api, object, draft, ctx, Action::await_change()).await?;
+            let message = format!("the guest on host {host_name} is shutting down");
+            amend_status(api, object, ctx, deleting(true, reason::DELETING, message)).await?;
             let left = deadline.saturating_duration_since(Instant::now());
             Err(Error::Wait(left.clamp(
                 Duration::from_millis(100),
@@ -763,16 +756,32 @@ async fn cleanup<B: Backend>(
             Ok(Action::await_change())
         }
         Err(error) => {
-            draft.set(
-                cond::DELETING,
-                false,
-                reason::DELETION_FAILED,
-                error.to_string(),
-            );
-            finish(api, object, draft, ctx, Action::await_change()).await?;
+            let failed = deleting(false, reason::DELETION_FAILED, error.to_string());
+            amend_status(api, object, ctx, failed).await?;
             Err(Error::Wait(ctx.backoff(&k)))
         }
     }
+}
+
+/// Writes the previous status with `changes` to its conditions (paused, deleting: the rest of
+/// the status stays as it was).
+async fn amend_status<B: Backend>(
+    api: &Api<LibvirtMachine>,
+    object: &LibvirtMachine,
+    ctx: &Context<B>,
+    changes: Vec<Condition>,
+) -> Result<()> {
+    let previous = object.status.clone().unwrap_or_default();
+    let before = previous.conditions.clone().unwrap_or_default();
+    let mut conditions = before.clone();
+    for condition in changes {
+        cond::set(&mut conditions, &before, condition);
+    }
+    let status = LibvirtMachineStatus {
+        conditions: Some(cond::sorted(conditions)),
+        ..previous.clone()
+    };
+    write_status(api, object, &previous, &status, ctx).await
 }
 
 /// Applies the status (server-side apply, our field manager, forced) when it changed, and
