@@ -679,3 +679,31 @@ async fn an_unreachable_host_is_a_condition_and_recovers() {
     .await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_the_cluster_leaves_no_vm_and_no_volume() {
+    let env = env("ctl-cluster-gone").await;
+    env.provisioned_cluster("c1").await;
+    env.provisioned_machine("c1", "m1").await;
+    env.provisioned_machine("c1", "m2").await;
+    assert_eq!(env.domains().await, 2);
+    capi(&env.client, &env.ns, "Cluster")
+        .delete("c1", &DeleteParams::default())
+        .await
+        .expect("deleting the Cluster");
+    eventually("every object to be gone", WAIT, || async {
+        let machines = env.machines.list(&Default::default()).await.ok()?;
+        let clusters = env.clusters.list(&Default::default()).await.ok()?;
+        (machines.items.is_empty() && clusters.items.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(env.domains().await, 0);
+    let volumes: Vec<_> = env
+        .fake
+        .volumes(&support::host_uri("test:///default"))
+        .into_iter()
+        .filter(|(_, v)| v != BASE_VOLUME)
+        .collect();
+    assert!(volumes.is_empty(), "{volumes:?}");
+    env.stop().await;
+}

@@ -357,19 +357,30 @@ async fn sweep<B: Backend>(
         if domain.namespace != namespace || domain.cluster != cluster {
             continue;
         }
-        let owner = ctx
-            .machines
-            .get(&ObjectRef::new(&domain.name).within(&domain.namespace));
-        let orphan = match owner {
-            None => true,
+        let owned = |machine: Option<&LibvirtMachine>| match machine {
+            None => false,
             Some(machine) => machine
                 .spec
                 .domain_uuid
                 .as_deref()
-                .is_some_and(|uuid| uuid != domain.uuid.to_string()),
+                .is_none_or(|uuid| uuid == domain.uuid.to_string()),
         };
-        if !orphan {
+        let cached = ctx
+            .machines
+            .get(&ObjectRef::new(&domain.name).within(&domain.namespace));
+        if owned(cached.as_deref()) {
             continue;
+        }
+        // Confirm with the API server before deleting anything (the store may lag, or a
+        // watch filter may hide the machine).
+        let api: Api<LibvirtMachine> = Api::namespaced(ctx.client.clone(), &domain.namespace);
+        match api.get_opt(&domain.name).await {
+            Ok(current) if !owned(current.as_ref()) => {}
+            Ok(_) => continue,
+            Err(error) => {
+                tracing::warn!(machine = %domain.name, %error, "checking a possible orphan");
+                continue;
+            }
         }
         let identity = MachineIdentity::new(&domain.namespace, &domain.name, domain.uuid);
         match ctx

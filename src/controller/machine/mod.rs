@@ -2,7 +2,16 @@
 //! finalizer → paused → cluster infrastructure provisioned → bootstrap data → identity and
 //! placement persisted in the spec (before any hypervisor side effect) → host recorded in the
 //! cluster's `hostsInUse` → [`plan`] → `Backend::ensure` → providerID, addresses, status.
-//! Delete: `Backend::delete` until `Gone`, then the finalizer goes.
+//! Delete: `Backend::delete` until `Gone`, then the finalizer goes. It needs neither the owner
+//! Machine nor the Cluster: the persisted `spec.domainUUID` and `spec.host` name the VM, and the
+//! LibvirtCluster (found through the Cluster, or by the machine's cluster-name label when the
+//! Cluster is gone) gives the host's URI (from `spec.hosts`, else the URI `hostsInUse` recorded).
+//! Without a persisted identity nothing was ever created, so the finalizer goes at once. When the
+//! LibvirtCluster itself is gone (it normally waits for its machines, so someone removed it by
+//! force), the host cannot be reached: the finalizer stays, `Deleting` says why and what to do
+//! (re-create the LibvirtCluster, or remove the finalizer by hand: the re-created cluster's
+//! orphan sweep deletes the domain), and the reconcile retries slowly. A paused machine (as
+//! during `clusterctl move`) is never deleted from the hypervisor.
 //!
 //! The status is derived from the spec, the hypervisor and (for `lastTransitionTime`, the last
 //! known addresses and `provisioned`, which never goes back) the previous status, so a deleted
