@@ -29,6 +29,10 @@ struct Env {
 }
 
 async fn env(ns: &str) -> Env {
+    env_with(ns, settings(ns)).await
+}
+
+async fn env_with(ns: &str, settings: capl::controller::Settings) -> Env {
     let bed = support::shared();
     bed.capi();
     bed.install_provider_crds();
@@ -40,7 +44,7 @@ async fn env(ns: &str) -> Env {
         "default",
         BASE_VOLUME,
     );
-    let running = Running::start(&client, fake.clone(), settings(ns));
+    let running = Running::start(&client, fake.clone(), settings);
     let (clusters, machines) = ours(&client, ns);
     Env {
         client,
@@ -705,5 +709,112 @@ async fn deleting_the_cluster_leaves_no_vm_and_no_volume() {
         .filter(|(_, v)| v != BASE_VOLUME)
         .collect();
     assert!(volumes.is_empty(), "{volumes:?}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_filter_managed_by_and_missing_owners_are_left_alone() {
+    let ns = "ctl-filter";
+    let env = env_with(
+        ns,
+        capl::controller::Settings {
+            watch_filter: Some("mine".into()),
+            ..settings(ns)
+        },
+    )
+    .await;
+    capi(&env.client, ns, "Cluster")
+        .create(&PostParams::default(), &cluster("c1"))
+        .await
+        .unwrap();
+    env.clusters
+        .create(&PostParams::default(), &libvirt_cluster("c1"))
+        .await
+        .unwrap();
+    // A LibvirtMachine with the filter label but no owner Machine, and one managed elsewhere.
+    let mut orphan = libvirt_machine("c1", "no-owner");
+    orphan
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("cluster.x-k8s.io/watch-filter".into(), "mine".into());
+    env.machines
+        .create(&PostParams::default(), &orphan)
+        .await
+        .unwrap();
+    let mut elsewhere = libvirt_cluster("c2");
+    elsewhere.metadata.labels.get_or_insert_default().extend([
+        (
+            "cluster.x-k8s.io/watch-filter".to_owned(),
+            "mine".to_owned(),
+        ),
+        (
+            "cluster.x-k8s.io/managed-by".to_owned(),
+            "someone-else".to_owned(),
+        ),
+    ]);
+    capi(&env.client, ns, "Cluster")
+        .create(&PostParams::default(), &cluster("c2"))
+        .await
+        .unwrap();
+    env.clusters
+        .create(&PostParams::default(), &elsewhere)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for name in ["c1", "c2"] {
+        let c = env.clusters.get(name).await.unwrap();
+        assert!(c.status.is_none(), "{name} untouched: {:?}", c.status);
+        assert!(c.finalizers().is_empty(), "{name}: {:?}", c.finalizers());
+    }
+    let m = env.machines.get("no-owner").await.unwrap();
+    assert!(
+        m.status.is_none() && m.finalizers().is_empty(),
+        "waits quietly"
+    );
+    assert_eq!(env.fake.total_calls(), 0);
+    // Labelled for this manager, c1 is reconciled.
+    env.clusters
+        .patch(
+            "c1",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {"cluster.x-k8s.io/watch-filter": "mine"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually("c1 to be provisioned", WAIT, || async {
+        let c = env.clusters.get("c1").await.ok()?;
+        (c.status?.initialization?.provisioned == Some(true)).then_some(())
+    })
+    .await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transient_error_backs_off() {
+    let env = env("ctl-transient").await;
+    env.provisioned_cluster("c1").await;
+    env.fake.inject(
+        Step::Start,
+        Fault::Fail(ErrorKind::Transient),
+        Times::Always,
+    );
+    env.create_machine("c1", "m1").await;
+    eventually("the StartFailed condition", WAIT, || async {
+        let m = env.machines.get("m1").await.ok()?;
+        (reason_of(&m, "VMProvisioned").as_deref() == Some("StartFailed")).then_some(())
+    })
+    .await;
+    let ensures = env.fake.calls(Method::Ensure);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let more = env.fake.calls(Method::Ensure) - ensures;
+    println!("{more} ensure calls in 6 s of transient failures");
+    // Backoff 0.2, 0.4, 0.8, 1.6, 3.2 s: a handful of attempts (each two or three calls), where
+    // a hot loop would make hundreds.
+    assert!((1..=20).contains(&more), "{more} ensure calls in 6 s");
+    env.fake.clear_faults();
+    env.wait_provisioned("m1").await;
     env.stop().await;
 }
