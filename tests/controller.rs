@@ -466,6 +466,7 @@ async fn an_invalid_error_is_a_condition_not_a_hot_loop() {
     let ensures = env.fake.calls(Method::Ensure);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let more = env.fake.calls(Method::Ensure) - ensures;
+    println!("{more} ensure calls in 5 s after an Invalid error");
     assert!(
         more <= 1,
         "{more} ensure calls in 5 s after an Invalid error"
@@ -816,5 +817,47 @@ async fn a_transient_error_backs_off() {
     assert!((1..=20).contains(&more), "{more} ensure calls in 6 s");
     env.fake.clear_faults();
     env.wait_provisioned("m1").await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_on_an_unreachable_host_says_why_and_finishes_when_it_returns() {
+    let env = env("ctl-delete-unreachable").await;
+    env.provisioned_cluster("c1").await;
+    let machine = env.provisioned_machine("c1", "m1").await;
+    let uuid = uuid::Uuid::parse_str(machine.spec.domain_uuid.as_deref().unwrap()).unwrap();
+    let uri = support::host_uri("test:///default");
+    env.fake.set_unreachable(&uri, true);
+    capi(&env.client, &env.ns, "Machine")
+        .delete("m1", &DeleteParams::default())
+        .await
+        .unwrap();
+    let failed = eventually("DeletionFailed", WAIT, || async {
+        let m = env.machines.get("m1").await.ok()?;
+        let status = serde_json::to_value(&m.status).unwrap();
+        let deleting = condition(&status, "Deleting")?;
+        (deleting["reason"] == "DeletionFailed").then_some(deleting)
+    })
+    .await;
+    assert!(
+        failed["message"].as_str().unwrap().contains("unreachable"),
+        "{failed}"
+    );
+    assert_eq!(
+        env.fake.domain_running(&uri, uuid),
+        Some(true),
+        "the VM is still there"
+    );
+    env.fake.set_unreachable(&uri, false);
+    eventually("the LibvirtMachine to be gone", WAIT, || async {
+        env.machines
+            .get_opt("m1")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(env.domains().await, 0);
     env.stop().await;
 }
