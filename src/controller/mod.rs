@@ -204,11 +204,11 @@ impl<B: Backend> Context<B> {
     pub fn backoff(&self, key: &str) -> Duration {
         let mut failures = self.failures();
         let entry = failures.entry(key.to_owned()).or_default();
-        let delay = self
-            .settings
-            .backoff_base
-            .saturating_mul(1u32 << entry.count.min(16))
-            .min(self.settings.backoff_max);
+        let delay = backoff_delay(
+            self.settings.backoff_base,
+            self.settings.backoff_max,
+            entry.count,
+        );
         entry.count = entry.count.saturating_add(1);
         delay
     }
@@ -252,6 +252,11 @@ impl<B: Backend> Context<B> {
             tracing::debug!(%error, reason, "publishing an event failed");
         }
     }
+}
+
+/// The delay after `failures` consecutive failures: `base`, doubling, at most `max`.
+pub fn backoff_delay(base: Duration, max: Duration, failures: u32) -> Duration {
+    base.saturating_mul(1u32 << failures.min(16)).min(max)
 }
 
 /// Key of an object for the backoff table.
@@ -428,5 +433,38 @@ fn capi_api(
     match &settings.namespace {
         Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
         None => Api::all_with(client.clone(), resource),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let (base, max) = (Duration::from_millis(200), Duration::from_secs(5));
+        let delays: Vec<u128> = (0..8)
+            .map(|n| backoff_delay(base, max, n).as_millis())
+            .collect();
+        assert_eq!(delays, vec![200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        assert_eq!(backoff_delay(base, max, u32::MAX), max);
+    }
+
+    #[test]
+    fn settings_follow_the_command_line() {
+        let cli = crate::config::Cli::parse_from([
+            "manager",
+            "--namespace=tenant-a",
+            "--watch-filter=mine",
+            "--allow-test-driver",
+        ]);
+        let settings = Settings::from_run_args(&cli.run);
+        assert_eq!(settings.namespace.as_deref(), Some("tenant-a"));
+        assert_eq!(settings.watch_filter.as_deref(), Some("mine"));
+        assert!(settings.uri_policy.allow_test_driver);
+        let defaults = Settings::from_run_args(&crate::config::Cli::parse_from(["manager"]).run);
+        assert_eq!((defaults.namespace, defaults.watch_filter), (None, None));
+        assert!(!defaults.uri_policy.allow_test_driver);
     }
 }

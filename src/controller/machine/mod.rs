@@ -202,8 +202,7 @@ impl Draft {
 
     /// The VM is not there (yet): `VMProvisioned` and the summary say why.
     fn waiting(&mut self, reason: &str, message: impl Into<String>) {
-        let message = message.into();
-        self.set(cond::VM_PROVISIONED, false, reason, message.clone());
+        self.set(cond::VM_PROVISIONED, false, reason, message);
     }
 
     /// The status with the summary `Ready`: true when the VM runs and has an address, else the
@@ -824,4 +823,89 @@ async fn write_status<B: Backend>(
     )
     .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::LibvirtMachineSpec;
+
+    fn object() -> LibvirtMachine {
+        let mut m = LibvirtMachine::new("m1", LibvirtMachineSpec::default());
+        m.metadata.namespace = Some("ns".into());
+        m.metadata.generation = Some(4);
+        m.spec.host = Some("a".into());
+        m.spec.domain_uuid = Some(MachineIdentity::uuid_for_uid("u").to_string());
+        m
+    }
+
+    fn ready(status: &LibvirtMachineStatus) -> (String, String) {
+        let c = cond::find(
+            status.conditions.as_deref().unwrap_or_default(),
+            cond::READY,
+        )
+        .expect("Ready");
+        (c.status.clone(), c.reason.clone())
+    }
+
+    #[test]
+    fn the_summary_names_the_first_unmet_condition() {
+        let mut draft = Draft::new(&object());
+        draft.set(cond::VM_PROVISIONED, true, reason::READY, "");
+        draft.set(
+            cond::ADDRESSES_KNOWN,
+            false,
+            reason::WAITING_FOR_ADDRESS,
+            "none yet",
+        );
+        let (_, status) = draft.finish();
+        assert_eq!(
+            ready(&status),
+            ("False".into(), reason::WAITING_FOR_ADDRESS.into())
+        );
+        assert_eq!(status.host.as_deref(), Some("a"));
+        assert_eq!(status.failure_domain.as_deref(), Some("a"));
+        assert_eq!(status.observed_generation, Some(4));
+
+        let mut draft = Draft::new(&object());
+        draft.waiting(reason::IMAGE_DOWNLOADING, "BaseImage");
+        let (_, status) = draft.finish();
+        assert_eq!(
+            ready(&status),
+            ("False".into(), reason::IMAGE_DOWNLOADING.into())
+        );
+        assert_eq!(status.initialization, None, "not provisioned yet");
+
+        let mut draft = Draft::new(&object());
+        draft.set(cond::VM_PROVISIONED, true, reason::READY, "");
+        draft.set(cond::ADDRESSES_KNOWN, true, reason::READY, "");
+        draft.observed(Some(5));
+        let (_, status) = draft.finish();
+        assert_eq!(ready(&status), ("True".into(), reason::READY.into()));
+        assert!(
+            status
+                .conditions
+                .iter()
+                .flatten()
+                .all(|c| c.observed_generation == Some(5))
+        );
+    }
+
+    #[test]
+    fn provisioned_and_the_last_addresses_are_carried_over() {
+        let mut m = object();
+        m.status = Some(LibvirtMachineStatus {
+            initialization: Some(Initialization {
+                provisioned: Some(true),
+            }),
+            addresses: Some(vec![MachineAddress {
+                kind: MachineAddressType::InternalIp,
+                address: "10.0.0.7".into(),
+            }]),
+            ..LibvirtMachineStatus::default()
+        });
+        let (_, status) = Draft::new(&m).finish();
+        assert_eq!(status.ready, Some(true), "never goes back");
+        assert_eq!(status.addresses.expect("kept")[0].address, "10.0.0.7");
+    }
 }
