@@ -594,6 +594,30 @@ async fn placement_honours_failure_domains_and_control_plane_hosts() {
         "a",
         "failureDomain"
     );
+    // Two machines of one MachineDeployment spread over both hosts.
+    for name in ["md-1", "md-2"] {
+        let secret = bootstrap_secret(name);
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+        let mut lm = libvirt_machine("c1", name);
+        let mut m = machine("c1", name);
+        for labels in [&mut lm.metadata.labels, &mut m.metadata.labels] {
+            labels
+                .get_or_insert_default()
+                .insert("cluster.x-k8s.io/deployment-name".into(), "md".into());
+        }
+        env.machines
+            .create(&PostParams::default(), &lm)
+            .await
+            .unwrap();
+        machines.create(&PostParams::default(), &m).await.unwrap();
+        env.wait_provisioned(name).await;
+    }
+    let md1 = host_of(env.machines.get("md-1").await.unwrap());
+    let md2 = host_of(env.machines.get("md-2").await.unwrap());
+    assert_eq!((md1.as_str(), md2.as_str()), ("b", "a"), "spread");
     let worker = env.machines.get("worker").await.unwrap();
     let prefix = format!(
         "{}_worker_{}",

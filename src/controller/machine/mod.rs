@@ -603,8 +603,10 @@ fn resolve_host<B: Backend>(
     host_ref(&host, ctx.settings.uri_policy).map_err(|e| format!("host {name}: {e}"))
 }
 
-/// Chooses a host: the Machine's failure domain, else the eligible host with the most free
-/// memory that fits the machine (control-plane machines only on control-plane hosts).
+/// Chooses a host: the Machine's failure domain, else among the eligible hosts (control-plane
+/// machines only on control-plane hosts) whose free memory fits the machine, see [`choose`].
+/// Spreading reads the shared store: machines of one deployment placed at the same instant may
+/// still land together.
 async fn place<B: Backend>(
     object: &LibvirtMachine,
     machine: &DynamicObject,
@@ -633,7 +635,28 @@ async fn place<B: Backend>(
         || object.labels().contains_key(capi::CONTROL_PLANE_LABEL);
     let pool = plan::root_pool(object, infra);
     let needed = u64::try_from(object.spec.memory_mib.max(0)).unwrap_or(0) << 20;
-    let mut best: Option<(u64, String)> = None;
+    // Machines of one MachineDeployment spread over the hosts.
+    let deployment = machine
+        .labels()
+        .get(capi::DEPLOYMENT_NAME_LABEL)
+        .or_else(|| object.labels().get(capi::DEPLOYMENT_NAME_LABEL))
+        .cloned();
+    let namespace = object.namespace();
+    let peers_on = |host: &str| match &deployment {
+        Some(deployment) => ctx
+            .machines
+            .state()
+            .iter()
+            .filter(|m| {
+                m.namespace() == namespace
+                    && m.name_any() != object.name_any()
+                    && m.spec.host.as_deref() == Some(host)
+                    && m.labels().get(capi::DEPLOYMENT_NAME_LABEL) == Some(deployment)
+            })
+            .count(),
+        None => 0,
+    };
+    let mut candidates = Vec::new();
     let mut problems = Vec::new();
     for host in &infra.spec.hosts {
         if control_plane && host.control_plane == Some(false) {
@@ -647,19 +670,17 @@ async fn place<B: Backend>(
             }
         };
         match ctx.backend.capacity(&href, &pool).await {
-            Ok((facts, _)) if facts.free_memory_bytes >= needed => {
-                if best
-                    .as_ref()
-                    .is_none_or(|(free, _)| facts.free_memory_bytes > *free)
-                {
-                    best = Some((facts.free_memory_bytes, host.name.clone()));
-                }
-            }
+            Ok((facts, _)) if facts.free_memory_bytes >= needed => candidates.push(Candidate {
+                host: host.name.clone(),
+                free_memory: facts.free_memory_bytes,
+                peers: peers_on(&host.name),
+            }),
             Ok(_) => problems.push(format!("{}: not enough free memory", host.name)),
             Err(error) => problems.push(format!("{}: {error}", host.name)),
         }
     }
-    best.map(|(_, name)| name).ok_or_else(|| {
+    let best = choose(&candidates);
+    best.ok_or_else(|| {
         (
             reason::NO_HOST_AVAILABLE,
             format!(
@@ -670,6 +691,27 @@ async fn place<B: Backend>(
             Action::requeue(ctx.park(&k, generation, ctx.backoff(&k))),
         )
     })
+}
+
+/// A host that can take a machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// The host's name.
+    pub host: String,
+    /// Its free memory in bytes.
+    pub free_memory: u64,
+    /// Machines of the same MachineDeployment already on it.
+    pub peers: usize,
+}
+
+/// The host with the fewest machines of the same MachineDeployment, then the most free memory,
+/// then the first in the cluster's list.
+pub fn choose(candidates: &[Candidate]) -> Option<String> {
+    candidates
+        .iter()
+        .enumerate()
+        .min_by_key(|(index, c)| (c.peers, std::cmp::Reverse(c.free_memory), *index))
+        .map(|(_, c)| c.host.clone())
 }
 
 async fn cleanup<B: Backend>(
@@ -888,6 +930,31 @@ mod tests {
                 .iter()
                 .flatten()
                 .all(|c| c.observed_generation == Some(5))
+        );
+    }
+
+    #[test]
+    fn placement_spreads_a_deployment_then_prefers_free_memory() {
+        let c = |host: &str, free_memory, peers| Candidate {
+            host: host.into(),
+            free_memory,
+            peers,
+        };
+        assert_eq!(choose(&[]), None);
+        assert_eq!(
+            choose(&[c("a", 8, 0), c("b", 16, 0)]).as_deref(),
+            Some("b"),
+            "most free memory"
+        );
+        assert_eq!(
+            choose(&[c("a", 8, 0), c("b", 16, 1)]).as_deref(),
+            Some("a"),
+            "fewest machines of the deployment first"
+        );
+        assert_eq!(
+            choose(&[c("a", 8, 1), c("b", 8, 1)]).as_deref(),
+            Some("a"),
+            "the first of equals"
         );
     }
 
