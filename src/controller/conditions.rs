@@ -46,6 +46,9 @@ pub mod reason {
     pub const BOOTING: &str = "Booting";
     /// The guest runs but reported no address yet.
     pub const WAITING_FOR_ADDRESS: &str = "WaitingForAddress";
+    /// The guest runs but reported no address within the timeout (the message carries the tail
+    /// of its serial console).
+    pub const NO_ADDRESS_TIMEOUT: &str = "NoAddressTimeout";
     /// A host did not answer.
     pub const HOST_UNREACHABLE: &str = "HostUnreachable";
     /// No host can take the machine.

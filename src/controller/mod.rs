@@ -85,6 +85,9 @@ pub struct Settings {
     pub backoff_base: Duration,
     /// Longest delay of that backoff.
     pub backoff_max: Duration,
+    /// How long a running guest may go without an address before the tail of its serial
+    /// console is shown in its `AddressesKnown` condition.
+    pub address_timeout: Duration,
     /// Periodic re-check of a ready object (host reachability, addresses).
     pub resync: Duration,
 }
@@ -101,6 +104,7 @@ impl Default for Settings {
             invalid_requeue: Duration::from_secs(300),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
+            address_timeout: Duration::from_secs(600),
             resync: Duration::from_secs(300),
         }
     }

@@ -17,6 +17,7 @@
 //! known addresses and `provisioned`, which never goes back) the previous status, so a deleted
 //! status is rebuilt as it was (what `clusterctl move` relies on).
 
+pub mod console;
 pub mod plan;
 
 use std::sync::Arc;
@@ -472,20 +473,41 @@ async fn apply<B: Backend>(
                 .addresses
                 .as_ref()
                 .is_some_and(|a| !a.is_empty());
-            draft.set(
-                cond::ADDRESSES_KNOWN,
-                known,
-                if known {
-                    reason::READY
-                } else {
-                    reason::WAITING_FOR_ADDRESS
-                },
-                if known {
-                    "the guest reports no address now; showing the last known"
-                } else {
-                    "the guest has not reported an address yet"
-                },
-            );
+            if known {
+                draft.set(
+                    cond::ADDRESSES_KNOWN,
+                    true,
+                    reason::READY,
+                    "the guest reports no address now; showing the last known",
+                );
+            } else if let Some(waited) = waiting_since(&draft.before, ctx.settings.address_timeout)
+            {
+                // Too long without an address: show what the guest printed.
+                let tail = match ctx
+                    .backend
+                    .console_tail(&host, &identity, console::TAIL_BYTES)
+                    .await
+                {
+                    Ok(text) => console::summary(&text, data.value.expose()),
+                    Err(error) => format!("(unavailable: {error})"),
+                };
+                draft.set(
+                    cond::ADDRESSES_KNOWN,
+                    false,
+                    reason::NO_ADDRESS_TIMEOUT,
+                    format!(
+                        "no address {} s after boot; serial console tail: {tail}",
+                        waited.as_secs()
+                    ),
+                );
+            } else {
+                draft.set(
+                    cond::ADDRESSES_KNOWN,
+                    false,
+                    reason::WAITING_FOR_ADDRESS,
+                    "the guest has not reported an address yet",
+                );
+            }
             Action::requeue(ctx.settings.poll_interval)
         }
         Err(error) => {
@@ -504,6 +526,13 @@ async fn apply<B: Backend>(
         }
     };
     finish(api, &object, draft, ctx, next).await
+}
+
+/// How long the machine has waited for an address, when that is longer than `timeout`.
+fn waiting_since(before: &[Condition], timeout: Duration) -> Option<Duration> {
+    let waiting = cond::find(before, cond::ADDRESSES_KNOWN).filter(|c| c.status == cond::FALSE)?;
+    let waited = k8s_openapi::jiff::Timestamp::now().duration_since(waiting.last_transition_time.0);
+    Duration::try_from(waited).ok().filter(|w| *w > timeout)
 }
 
 /// Records a backend failure in the draft and picks the requeue by its kind.
@@ -956,6 +985,30 @@ mod tests {
             Some("a"),
             "the first of equals"
         );
+    }
+
+    #[test]
+    fn the_console_is_shown_only_after_the_address_timeout() {
+        let timeout = Duration::from_secs(600);
+        let mut waiting = cond::new(
+            cond::ADDRESSES_KNOWN,
+            false,
+            reason::WAITING_FOR_ADDRESS,
+            "",
+            None,
+        );
+        assert_eq!(
+            waiting_since(&[waiting.clone()], timeout),
+            None,
+            "just started"
+        );
+        waiting.last_transition_time = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        );
+        assert!(waiting_since(&[waiting.clone()], timeout).is_some_and(|w| w > timeout));
+        waiting.status = cond::TRUE.into();
+        assert_eq!(waiting_since(&[waiting], timeout), None, "has an address");
+        assert_eq!(waiting_since(&[], timeout), None);
     }
 
     #[test]
