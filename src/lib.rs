@@ -14,6 +14,7 @@
 pub mod api;
 pub mod cloudinit;
 pub mod config;
+pub mod controller;
 pub mod egress;
 pub mod health;
 pub mod leader;

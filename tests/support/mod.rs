@@ -7,6 +7,7 @@
 
 pub mod apiserver;
 pub mod capi;
+pub mod capi_objects;
 pub mod certs;
 pub mod libvirtd;
 pub mod process;
