@@ -209,6 +209,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// How long releasing the Lease may take at shutdown.
 pub const RELEASE_GRACE: Duration = Duration::from_secs(5);
 
+/// libvirt calls at once against one host.
+pub const LIBVIRT_CALLS_PER_HOST: usize = 4;
+
 /// How long the controllers may take to stop once told to.
 pub const CONTROLLERS_GRACE: Duration = Duration::from_secs(10);
 
@@ -218,12 +221,15 @@ async fn run_controllers(context: ControllerContext, leadership: Leadership) -> 
         return Ok(());
     }
     tracing::info!("starting the controllers");
-    // controllers start here:
-    //     crate::controller::run(context).await
-    // (the controllers pass `stopped(context.stop.clone())` to `graceful_shutdown_on` and set
-    // the `caches` readiness check).
-    stopped(context.stop).await;
-    Ok(())
+    let backend = crate::libvirt::live::LibvirtBackend::new(LIBVIRT_CALLS_PER_HOST)
+        .context("starting the libvirt backend")?;
+    crate::controller::run(
+        context.client,
+        Arc::new(backend),
+        crate::controller::Settings::from_manager(&context.settings),
+        stopped(context.stop),
+    )
+    .await
 }
 
 /// Loads the serving certificate (failing fast when it is missing) and starts the webhook server

@@ -22,6 +22,7 @@ fn manager(
     health_port: u16,
     webhook_port: u16,
 ) -> Command {
+    bed.install_provider_crds();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_manager"));
     cmd.arg(format!("--kubeconfig={}", bed.kubeconfig.display()))
         .arg(format!("--libvirt-uri={libvirt_uri}"))
@@ -478,6 +479,7 @@ fn json_logs_stay_json_when_the_manager_fails() {
 #[test]
 fn a_trace_log_holds_no_credentials() {
     let bed = support::shared();
+    bed.install_provider_crds();
     let dir = bed.test_dir("no-secrets");
     // The bed's admin kubeconfig, with the key and certificate inline and a bearer token added
     // (the apiserver authenticates the certificate; the token is sent all the same).

@@ -111,14 +111,16 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// The settings a manager's command line asks for (`--allow-test-driver`, `--namespace`,
-    /// `--watch-filter`); everything else keeps its default.
-    pub fn from_run_args(args: &crate::config::RunArgs) -> Self {
-        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    /// The settings the manager's command line asks for (`--allow-test-driver`, `--namespace`,
+    /// `--watch-filter`, `--sync-period`, `--libvirtmachine-concurrency`); everything else keeps
+    /// its default.
+    pub fn from_manager(settings: &crate::config::ControllerSettings) -> Self {
         Self {
-            uri_policy: args.uri_policy(),
-            namespace: non_empty(&args.namespace),
-            watch_filter: non_empty(&args.watch_filter),
+            uri_policy: settings.uri_policy,
+            namespace: settings.namespace.clone(),
+            watch_filter: settings.watch_filter.clone(),
+            concurrency: settings.machine_concurrency,
+            resync: settings.sync_period,
             ..Self::default()
         }
     }
@@ -463,11 +465,15 @@ mod tests {
             "--watch-filter=mine",
             "--allow-test-driver",
         ]);
-        let settings = Settings::from_run_args(&cli.run);
+        let settings = Settings::from_manager(&cli.run.controller_settings());
         assert_eq!(settings.namespace.as_deref(), Some("tenant-a"));
         assert_eq!(settings.watch_filter.as_deref(), Some("mine"));
         assert!(settings.uri_policy.allow_test_driver);
-        let defaults = Settings::from_run_args(&crate::config::Cli::parse_from(["manager"]).run);
+        let defaults = Settings::from_manager(
+            &crate::config::Cli::parse_from(["manager"])
+                .run
+                .controller_settings(),
+        );
         assert_eq!((defaults.namespace, defaults.watch_filter), (None, None));
         assert!(!defaults.uri_policy.allow_test_driver);
     }

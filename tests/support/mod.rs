@@ -177,6 +177,8 @@ impl TestBed {
     /// Starts the `manager` binary against the bed with `args` (plus kubeconfig and a health
     /// port) and waits until it is ready; its log goes to `<test dir>/manager.log`.
     pub fn start_manager(&self, test: &str, binary: &str, args: &[String]) -> (process::Proc, u16) {
+        // The manager's controllers need the provider's CRDs (they fail fast without them).
+        self.install_provider_crds();
         let health = apiserver::free_port().expect("a free port");
         let mut cmd = std::process::Command::new(binary);
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
