@@ -456,9 +456,11 @@ async fn on_sigterm_in_flight_requests_finish_and_idle_connections_do_not_hold_t
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"allowed\":true"), "{answer}");
+    // An idle connection holding the exit would keep the manager for CLOSE_GRACE (10 s); the
+    // controllers' own stop takes 1-2 s on an idle machine and more under a loaded test run.
     while support::process::pid_alive(pid) {
         assert!(
-            stopped.elapsed() < Duration::from_secs(5),
+            stopped.elapsed() < Duration::from_secs(8),
             "the manager still runs {:?} after SIGTERM",
             stopped.elapsed()
         );
