@@ -5,17 +5,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DynamicObject};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::Event as Finalizer;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
 
 use super::conditions::{self as cond, reason};
-use super::{Context, Error, FIELD_MANAGER, Result, Settings, capi, key, managed_elsewhere};
+use super::{Context, Error, Result, Settings, capi, key, managed_elsewhere, write_status};
 use crate::api::{
     DomainType, FailureDomain, HostInUse, Initialization, LibvirtCluster, LibvirtClusterStatus,
     LibvirtHost, LibvirtMachine,
@@ -166,7 +165,15 @@ async fn apply<B: Backend>(
             conditions: Some(cond::sorted(conditions)),
             ..previous.clone()
         };
-        write_status(api, object, &previous, &status, ctx).await?;
+        write_status(
+            api,
+            object,
+            &previous,
+            &status,
+            |s: &LibvirtClusterStatus| s.conditions.as_deref(),
+            ctx,
+        )
+        .await?;
         return Ok(Action::await_change());
     }
     let mut conditions = Vec::new();
@@ -277,7 +284,15 @@ async fn apply<B: Backend>(
         conditions: Some(cond::sorted(conditions)),
         hosts_in_use,
     };
-    write_status(api, object, &previous, &status, ctx).await?;
+    write_status(
+        api,
+        object,
+        &previous,
+        &status,
+        |s: &LibvirtClusterStatus| s.conditions.as_deref(),
+        ctx,
+    )
+    .await?;
 
     let k = key(object);
     Ok(if !hosts_ok {
@@ -442,79 +457,14 @@ async fn cleanup<B: Backend>(
         conditions: Some(cond::sorted(conditions)),
         ..previous.clone()
     };
-    write_status(api, object, &previous, &status, ctx).await?;
-    Err(Error::Wait(ctx.settings.poll_interval))
-}
-
-/// Applies the status (server-side apply, our field manager, forced) when it changed, and
-/// publishes an Event when the `Ready` condition changed.
-async fn write_status<B: Backend>(
-    api: &Api<LibvirtCluster>,
-    object: &LibvirtCluster,
-    previous: &LibvirtClusterStatus,
-    status: &LibvirtClusterStatus,
-    ctx: &Context<B>,
-) -> Result<()> {
-    if previous == status {
-        return Ok(());
-    }
-    let patch = json!({
-        "apiVersion": LibvirtCluster::api_version(&()),
-        "kind": LibvirtCluster::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &object.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    transition_event(
+    write_status(
+        api,
         object,
-        previous.conditions.as_deref(),
-        status.conditions.as_deref(),
+        &previous,
+        &status,
+        |s: &LibvirtClusterStatus| s.conditions.as_deref(),
         ctx,
     )
-    .await;
-    Ok(())
-}
-
-/// Publishes an Event when the summary condition's status or reason changed.
-pub async fn transition_event<K: Resource<DynamicType = ()>, B: Backend>(
-    object: &K,
-    before: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
-    after: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
-    ctx: &Context<B>,
-) {
-    let old = before.and_then(|c| cond::find(c, cond::READY));
-    let Some(new) = after.and_then(|c| cond::find(c, cond::READY)) else {
-        return;
-    };
-    if old.is_some_and(|o| o.status == new.status && o.reason == new.reason) {
-        return;
-    }
-    let kind = if new.status == cond::TRUE
-        || [
-            reason::CREATING,
-            reason::IMAGE_DOWNLOADING,
-            reason::BOOTING,
-            reason::WAITING_FOR_ADDRESS,
-            reason::WAITING_FOR_BOOTSTRAP_DATA,
-            reason::WAITING_FOR_CLUSTER_INFRASTRUCTURE,
-            reason::WAITING_FOR_HOST_RECORD,
-            reason::PAUSED,
-            reason::DELETING,
-        ]
-        .contains(&new.reason.as_str())
-    {
-        EventType::Normal
-    } else {
-        EventType::Warning
-    };
-    let note = if new.message.is_empty() {
-        format!("Ready={}", new.status)
-    } else {
-        format!("Ready={}: {}", new.status, new.message)
-    };
-    ctx.event(object, kind, &new.reason, note).await;
+    .await?;
+    Err(Error::Wait(ctx.settings.poll_interval))
 }

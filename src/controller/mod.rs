@@ -29,12 +29,15 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 
+use self::conditions::{self as cond, reason};
 use crate::api::{LibvirtCluster, LibvirtMachine};
 use crate::libvirt::backend::Backend;
 use crate::libvirt::uri::UriPolicy;
 
 /// Finalizer both kinds carry while the provider still has work to do on delete.
 pub const FINALIZER: &str = "infrastructure.cluster.x-k8s.io/libvirt";
+/// How long reconciles in flight may take to finish once the controllers are told to stop.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Field manager of the controllers' server-side applies.
 pub const FIELD_MANAGER: &str = "capl-controller";
 /// Label that hands an object to another controller: objects carrying it are skipped.
@@ -382,16 +385,101 @@ pub async fn run<B: Backend>(
         .graceful_shutdown_on(stopped(stop_rx))
         .run(cluster::reconcile, error_policy, cluster_ctx);
 
+    let stopping = stop_tx.subscribe();
     let stop = tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    tokio::join!(
-        drain(machine_run, "LibvirtMachine"),
-        drain(cluster_run, "LibvirtCluster")
-    );
+    // Reconciles in flight finish after the stop; but a runner still waiting for a store that
+    // never syncs (a watched kind whose CRD is missing) would hold the shutdown forever.
+    let drained = async {
+        tokio::join!(
+            drain(machine_run, "LibvirtMachine"),
+            drain(cluster_run, "LibvirtCluster")
+        )
+    };
+    tokio::select! {
+        _ = drained => {}
+        () = async {
+            stopped(stopping).await;
+            tokio::time::sleep(STOP_GRACE).await;
+        } => tracing::warn!(after = ?STOP_GRACE, "controllers stopped with work still waiting (a watch that never synced?)"),
+    }
     stop.abort();
     Ok(())
+}
+
+/// Applies `status` (server-side apply, our field manager, forced) when it differs from
+/// `previous`, and publishes an Event when the summary `Ready` condition changed.
+pub(crate) async fn write_status<K, S, B>(
+    api: &Api<K>,
+    object: &K,
+    previous: &S,
+    status: &S,
+    conditions: fn(&S) -> Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
+    ctx: &Context<B>,
+) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize + PartialEq,
+    B: Backend,
+{
+    if previous == status {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &object.name_any(),
+        &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await?;
+    transition_event(object, conditions(previous), conditions(status), ctx).await;
+    Ok(())
+}
+
+/// Publishes an Event when the summary condition's status or reason changed.
+pub async fn transition_event<K: Resource<DynamicType = ()>, B: Backend>(
+    object: &K,
+    before: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
+    after: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
+    ctx: &Context<B>,
+) {
+    let old = before.and_then(|c| cond::find(c, cond::READY));
+    let Some(new) = after.and_then(|c| cond::find(c, cond::READY)) else {
+        return;
+    };
+    if old.is_some_and(|o| o.status == new.status && o.reason == new.reason) {
+        return;
+    }
+    let kind = if new.status == cond::TRUE
+        || [
+            reason::CREATING,
+            reason::IMAGE_DOWNLOADING,
+            reason::BOOTING,
+            reason::WAITING_FOR_ADDRESS,
+            reason::WAITING_FOR_BOOTSTRAP_DATA,
+            reason::WAITING_FOR_CLUSTER_INFRASTRUCTURE,
+            reason::WAITING_FOR_HOST_RECORD,
+            reason::PAUSED,
+            reason::DELETING,
+        ]
+        .contains(&new.reason.as_str())
+    {
+        EventType::Normal
+    } else {
+        EventType::Warning
+    };
+    let note = if new.message.is_empty() {
+        format!("Ready={}", new.status)
+    } else {
+        format!("Ready={}: {}", new.status, new.message)
+    };
+    ctx.event(object, kind, &new.reason, note).await;
 }
 
 /// Drives a controller's stream to its end, logging failed reconciles. (The `Stream` trait is

@@ -34,9 +34,9 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::cluster::{cluster_name, host_ref, machine_cluster, transition_event};
+use super::cluster::{cluster_name, host_ref, machine_cluster};
 use super::conditions::{self as cond, reason};
-use super::{Context, Error, FIELD_MANAGER, Result, Settings, capi, key, managed_elsewhere};
+use super::{Context, Error, Result, Settings, capi, key, managed_elsewhere, write_status};
 use crate::api::{
     Initialization, LibvirtCluster, LibvirtHost, LibvirtMachine, LibvirtMachineStatus,
     MachineAddress, MachineAddressType,
@@ -558,7 +558,15 @@ async fn finish<B: Backend>(
     next: Action,
 ) -> Result<Action> {
     let (previous, status) = draft.finish();
-    write_status(api, object, &previous, &status, ctx).await?;
+    write_status(
+        api,
+        object,
+        &previous,
+        &status,
+        |s: &LibvirtMachineStatus| s.conditions.as_deref(),
+        ctx,
+    )
+    .await?;
     Ok(next)
 }
 
@@ -860,40 +868,15 @@ async fn amend_status<B: Backend>(
         conditions: Some(cond::sorted(conditions)),
         ..previous.clone()
     };
-    write_status(api, object, &previous, &status, ctx).await
-}
-
-/// Applies the status (server-side apply, our field manager, forced) when it changed, and
-/// publishes an Event when the summary changed.
-async fn write_status<B: Backend>(
-    api: &Api<LibvirtMachine>,
-    object: &LibvirtMachine,
-    previous: &LibvirtMachineStatus,
-    status: &LibvirtMachineStatus,
-    ctx: &Context<B>,
-) -> Result<()> {
-    if previous == status {
-        return Ok(());
-    }
-    let patch = json!({
-        "apiVersion": LibvirtMachine::api_version(&()),
-        "kind": LibvirtMachine::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &object.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    transition_event(
+    write_status(
+        api,
         object,
-        previous.conditions.as_deref(),
-        status.conditions.as_deref(),
+        &previous,
+        &status,
+        |s: &LibvirtMachineStatus| s.conditions.as_deref(),
         ctx,
     )
-    .await;
-    Ok(())
+    .await
 }
 
 #[cfg(test)]
