@@ -14,7 +14,9 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use super::conditions::{self as cond, reason};
-use super::{Context, Error, Result, Settings, capi, key, managed_elsewhere, write_status};
+use super::{
+    Context, Error, Result, Settings, amend_status, capi, key, managed_elsewhere, write_status,
+};
 use crate::api::{
     DomainType, FailureDomain, HostInUse, Initialization, LibvirtCluster, LibvirtClusterStatus,
     LibvirtHost, LibvirtMachine,
@@ -146,34 +148,17 @@ async fn apply<B: Backend>(
     let previous = object.status.clone().unwrap_or_default();
     let before = previous.conditions.clone().unwrap_or_default();
     let generation = object.meta().generation;
-    let mut conditions = before.clone();
 
     // Paused: only say so; no libvirt call.
     if capi::paused(cluster, object) {
-        cond::set(
-            &mut conditions,
-            &before,
-            cond::new(
-                cond::PAUSED,
-                true,
-                reason::PAUSED,
-                "reconciliation is paused",
-                generation,
-            ),
+        let paused = cond::new(
+            cond::PAUSED,
+            true,
+            reason::PAUSED,
+            "reconciliation is paused",
+            generation,
         );
-        let status = LibvirtClusterStatus {
-            conditions: Some(cond::sorted(conditions)),
-            ..previous.clone()
-        };
-        write_status(
-            api,
-            object,
-            &previous,
-            &status,
-            |s: &LibvirtClusterStatus| s.conditions.as_deref(),
-            ctx,
-        )
-        .await?;
+        amend_status(api, object, &previous, vec![paused], ctx).await?;
         return Ok(Action::await_change());
     }
     let mut conditions = Vec::new();
@@ -284,15 +269,7 @@ async fn apply<B: Backend>(
         conditions: Some(cond::sorted(conditions)),
         hosts_in_use,
     };
-    write_status(
-        api,
-        object,
-        &previous,
-        &status,
-        |s: &LibvirtClusterStatus| s.conditions.as_deref(),
-        ctx,
-    )
-    .await?;
+    write_status(api, object, &previous, &status, ctx).await?;
 
     let k = key(object);
     Ok(if !hosts_ok {
@@ -439,32 +416,14 @@ async fn cleanup<B: Backend>(
     if remaining == 0 {
         return Ok(Action::await_change());
     }
-    let previous = object.status.clone().unwrap_or_default();
-    let before = previous.conditions.clone().unwrap_or_default();
-    let mut conditions = before.clone();
-    cond::set(
-        &mut conditions,
-        &before,
-        cond::new(
-            cond::DELETING,
-            true,
-            reason::WAITING_FOR_MACHINES,
-            format!("waiting for {remaining} LibvirtMachine(s) to be deleted"),
-            object.meta().generation,
-        ),
+    let waiting = cond::new(
+        cond::DELETING,
+        true,
+        reason::WAITING_FOR_MACHINES,
+        format!("waiting for {remaining} LibvirtMachine(s) to be deleted"),
+        object.meta().generation,
     );
-    let status = LibvirtClusterStatus {
-        conditions: Some(cond::sorted(conditions)),
-        ..previous.clone()
-    };
-    write_status(
-        api,
-        object,
-        &previous,
-        &status,
-        |s: &LibvirtClusterStatus| s.conditions.as_deref(),
-        ctx,
-    )
-    .await?;
+    let previous = object.status.clone().unwrap_or_default();
+    amend_status(api, object, &previous, vec![waiting], ctx).await?;
     Err(Error::Wait(ctx.settings.poll_interval))
 }

@@ -109,6 +109,32 @@ pub fn sorted(mut conditions: Vec<Condition>) -> Vec<Condition> {
     conditions
 }
 
+/// A status with a `conditions` list (both kinds' statuses), for the shared status writers.
+pub trait StatusConditions: Clone + Default + PartialEq + serde::Serialize {
+    /// The conditions, if any.
+    fn conditions(&self) -> Option<&[Condition]>;
+    /// Replaces the conditions.
+    fn set_conditions(&mut self, conditions: Vec<Condition>);
+}
+
+impl StatusConditions for crate::api::LibvirtClusterStatus {
+    fn conditions(&self) -> Option<&[Condition]> {
+        self.conditions.as_deref()
+    }
+    fn set_conditions(&mut self, conditions: Vec<Condition>) {
+        self.conditions = Some(conditions);
+    }
+}
+
+impl StatusConditions for crate::api::LibvirtMachineStatus {
+    fn conditions(&self) -> Option<&[Condition]> {
+        self.conditions.as_deref()
+    }
+    fn set_conditions(&mut self, conditions: Vec<Condition>) {
+        self.conditions = Some(conditions);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,7 +29,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 
-use self::conditions::{self as cond, reason};
+use self::conditions::{self as cond, StatusConditions, reason};
 use crate::api::{LibvirtCluster, LibvirtMachine};
 use crate::libvirt::backend::Backend;
 use crate::libvirt::uri::UriPolicy;
@@ -416,12 +416,11 @@ pub(crate) async fn write_status<K, S, B>(
     object: &K,
     previous: &S,
     status: &S,
-    conditions: fn(&S) -> Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
     ctx: &Context<B>,
 ) -> Result<()>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-    S: serde::Serialize + PartialEq,
+    S: StatusConditions,
     B: Backend,
 {
     if previous == status {
@@ -438,8 +437,32 @@ where
         &kube::api::Patch::Apply(&patch),
     )
     .await?;
-    transition_event(object, conditions(previous), conditions(status), ctx).await;
+    transition_event(object, previous.conditions(), status.conditions(), ctx).await;
     Ok(())
+}
+
+/// Sets `changes` on the conditions of `previous` (the stored status, everything else kept)
+/// and writes the result.
+pub(crate) async fn amend_status<K, S, B>(
+    api: &Api<K>,
+    object: &K,
+    previous: &S,
+    changes: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    ctx: &Context<B>,
+) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: StatusConditions,
+    B: Backend,
+{
+    let before = previous.conditions().unwrap_or_default().to_vec();
+    let mut conditions = before.clone();
+    for condition in changes {
+        cond::set(&mut conditions, &before, condition);
+    }
+    let mut status = previous.clone();
+    status.set_conditions(cond::sorted(conditions));
+    write_status(api, object, previous, &status, ctx).await
 }
 
 /// Publishes an Event when the summary condition's status or reason changed.

@@ -36,7 +36,9 @@ use uuid::Uuid;
 
 use super::cluster::{cluster_name, host_ref, machine_cluster};
 use super::conditions::{self as cond, reason};
-use super::{Context, Error, Result, Settings, capi, key, managed_elsewhere, write_status};
+use super::{
+    Context, Error, Result, Settings, amend_status, capi, key, managed_elsewhere, write_status,
+};
 use crate::api::{
     Initialization, LibvirtCluster, LibvirtHost, LibvirtMachine, LibvirtMachineStatus,
     MachineAddress, MachineAddressType,
@@ -245,8 +247,8 @@ async fn apply<B: Backend>(
         let generation = draft.generation;
         amend_status(
             api,
-            &object,
-            ctx,
+            object.as_ref(),
+            &object.status.clone().unwrap_or_default(),
             vec![cond::new(
                 cond::PAUSED,
                 true,
@@ -254,6 +256,7 @@ async fn apply<B: Backend>(
                 "reconciliation is paused",
                 generation,
             )],
+            ctx,
         )
         .await?;
         return Ok(Action::await_change());
@@ -558,15 +561,7 @@ async fn finish<B: Backend>(
     next: Action,
 ) -> Result<Action> {
     let (previous, status) = draft.finish();
-    write_status(
-        api,
-        object,
-        &previous,
-        &status,
-        |s: &LibvirtMachineStatus| s.conditions.as_deref(),
-        ctx,
-    )
-    .await?;
+    write_status(api, object, &previous, &status, ctx).await?;
     Ok(next)
 }
 
@@ -773,7 +768,14 @@ async fn cleanup<B: Backend>(
             "reconciliation is paused",
             generation,
         );
-        amend_status(api, object, ctx, vec![paused]).await?;
+        amend_status(
+            api,
+            object,
+            &object.status.clone().unwrap_or_default(),
+            vec![paused],
+            ctx,
+        )
+        .await?;
         return Err(Error::Wait(ctx.settings.resync));
     }
     // The identity is persisted before anything is created: without it, nothing exists.
@@ -795,8 +797,9 @@ async fn cleanup<B: Backend>(
             amend_status(
                 api,
                 object,
-                ctx,
+                &object.status.clone().unwrap_or_default(),
                 deleting(false, reason::DELETION_FAILED, message),
+                ctx,
             )
             .await?;
             return Err(Error::Wait(ctx.settings.invalid_requeue));
@@ -824,7 +827,14 @@ async fn cleanup<B: Backend>(
         }
         Ok(Deletion::ShuttingDown { deadline }) => {
             let message = format!("the guest on host {host_name} is shutting down");
-            amend_status(api, object, ctx, deleting(true, reason::DELETING, message)).await?;
+            amend_status(
+                api,
+                object,
+                &object.status.clone().unwrap_or_default(),
+                deleting(true, reason::DELETING, message),
+                ctx,
+            )
+            .await?;
             let left = deadline.saturating_duration_since(Instant::now());
             Err(Error::Wait(left.clamp(
                 Duration::from_millis(100),
@@ -844,39 +854,17 @@ async fn cleanup<B: Backend>(
         }
         Err(error) => {
             let failed = deleting(false, reason::DELETION_FAILED, error.to_string());
-            amend_status(api, object, ctx, failed).await?;
+            amend_status(
+                api,
+                object,
+                &object.status.clone().unwrap_or_default(),
+                failed,
+                ctx,
+            )
+            .await?;
             Err(Error::Wait(ctx.backoff(&k)))
         }
     }
-}
-
-/// Writes the previous status with `changes` to its conditions (paused, deleting: the rest of
-/// the status stays as it was).
-async fn amend_status<B: Backend>(
-    api: &Api<LibvirtMachine>,
-    object: &LibvirtMachine,
-    ctx: &Context<B>,
-    changes: Vec<Condition>,
-) -> Result<()> {
-    let previous = object.status.clone().unwrap_or_default();
-    let before = previous.conditions.clone().unwrap_or_default();
-    let mut conditions = before.clone();
-    for condition in changes {
-        cond::set(&mut conditions, &before, condition);
-    }
-    let status = LibvirtMachineStatus {
-        conditions: Some(cond::sorted(conditions)),
-        ..previous.clone()
-    };
-    write_status(
-        api,
-        object,
-        &previous,
-        &status,
-        |s: &LibvirtMachineStatus| s.conditions.as_deref(),
-        ctx,
-    )
-    .await
 }
 
 #[cfg(test)]
