@@ -223,13 +223,16 @@ async fn run_controllers(context: ControllerContext, leadership: Leadership) -> 
     tracing::info!("starting the controllers");
     let backend = crate::libvirt::live::LibvirtBackend::new(LIBVIRT_CALLS_PER_HOST)
         .context("starting the libvirt backend")?;
-    crate::controller::run(
+    let result = crate::controller::run(
         context.client,
         Arc::new(backend),
         crate::controller::Settings::from_manager(&context.settings),
         stopped(context.stop),
     )
-    .await
+    .await;
+    // Credentials written for libvirt do not outlive the controllers.
+    crate::libvirt::credentials::CredentialFiles::remove_global();
+    result
 }
 
 /// Loads the serving certificate (failing fast when it is missing) and starts the webhook server

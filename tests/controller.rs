@@ -885,3 +885,90 @@ async fn deleting_on_an_unreachable_host_says_why_and_finishes_when_it_returns()
     assert_eq!(env.domains().await, 0);
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_credentials_come_from_the_secret_and_a_missing_one_is_a_condition() {
+    let env = env("ctl-credentials").await;
+    capi(&env.client, &env.ns, "Cluster")
+        .create(&PostParams::default(), &cluster("c1"))
+        .await
+        .expect("creating the Cluster");
+    let mut infra = libvirt_cluster("c1");
+    infra.spec.hosts = vec![
+        serde_json::from_value(json!({
+            "name": "hv1",
+            "uri": "qemu+tls://hv1.example.com/system",
+            "credentialsSecretRef": {"name": "hv1-credentials"},
+        }))
+        .unwrap(),
+    ];
+    env.clusters
+        .create(&PostParams::default(), &infra)
+        .await
+        .expect("creating the LibvirtCluster");
+    let hosts_reachable = || async {
+        let c = env.clusters.get("c1").await.ok()?;
+        condition(&serde_json::to_value(&c.status).unwrap(), "HostsReachable")
+    };
+    let missing = eventually(
+        "the missing Secret named in HostsReachable",
+        WAIT,
+        || async {
+            let hosts = hosts_reachable().await?;
+            (hosts["status"] == "False").then_some(hosts)
+        },
+    )
+    .await;
+    assert!(
+        missing["message"]
+            .as_str()
+            .unwrap()
+            .contains("hv1: credentials Secret hv1-credentials does not exist"),
+        "{missing}"
+    );
+
+    let pem = |label: &str| format!("-----BEGIN {label}-----\nAAAA\n-----END {label}-----\n");
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "hv1-credentials"},
+        "type": "kubernetes.io/tls",
+        "stringData": {
+            "ca.crt": pem("CERTIFICATE"),
+            "tls.crt": pem("CERTIFICATE"),
+            "tls.key": pem("PRIVATE KEY"),
+        },
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), &env.ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("creating the Secret");
+    // The cluster re-probes its hosts on its backoff; touch it so the test need not wait.
+    env.clusters
+        .patch(
+            "c1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"touch": "1"}}})),
+        )
+        .await
+        .expect("touching the LibvirtCluster");
+    eventually("the host reachable with its credentials", WAIT, || async {
+        let hosts = hosts_reachable().await?;
+        (hosts["status"] == "True").then_some(())
+    })
+    .await;
+    let connections = env.fake.connections();
+    let with_credentials = connections
+        .iter()
+        .find(|c| c.starts_with("qemu+tls://hv1.example.com/system?pkipath="))
+        .unwrap_or_else(|| panic!("no connection with credentials: {connections:?}"));
+    let dir = with_credentials
+        .split_once("pkipath=")
+        .map(|(_, dir)| std::path::PathBuf::from(dir))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("clientkey.pem")).expect("the key file"),
+        pem("PRIVATE KEY")
+    );
+    env.stop().await;
+    capl::libvirt::credentials::CredentialFiles::remove_global();
+}

@@ -1414,3 +1414,61 @@ fn loopback_images(
     };
     capl::libvirt::image::ImageCache::with_settings(hosts.clone(), settings).expect("image cache")
 }
+
+/// A host's TLS credentials from a Secret reach libvirt as files it reads: the connection string
+/// carries `pkipath=` to the manager's private directory, and libvirt loads the certificates
+/// from there (these are deliberately broken, so libvirt stops before any connection). Run with virsh inside the
+/// bed's network namespace, so nothing could leave the machine even if it got further.
+#[test]
+fn tls_credentials_from_a_secret_are_files_libvirt_reads() {
+    use capl::libvirt::credentials::{CredentialFiles, Credentials};
+    use capl::libvirt::uri::{HostUri, Transport, UriPolicy};
+
+    let netns = {
+        let bed = support::shared();
+        let libvirtd = bed.libvirtd();
+        libvirtd.as_ref().expect("libvirtd").netns.clone()
+    };
+    let pem = |label: &str, body: &str| {
+        format!("-----BEGIN {label}-----\n{body}\n-----END {label}-----\n").into_bytes()
+    };
+    let data = [
+        ("ca.crt", pem("CERTIFICATE", "bm90IGEgY2VydGlmaWNhdGU=")),
+        ("tls.crt", pem("CERTIFICATE", "bm90IGEgY2VydGlmaWNhdGU=")),
+        ("tls.key", pem("PRIVATE KEY", "c2VjcmV0LW1hcmtlcg==")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let credentials = Credentials::from_secret(Transport::QemuTls, &data).expect("credentials");
+    let root = tempfile::tempdir().expect("tempdir");
+    let files = CredentialFiles::new(root.path().join("credentials")).expect("store");
+    let dir = files.write(&credentials).expect("written");
+    let uri = HostUri::parse("qemu+tls://hv1.example.com/system", UriPolicy::default())
+        .expect("uri")
+        .with_credentials(&credentials, &dir);
+    assert_eq!(uri.to_string(), "qemu+tls://hv1.example.com/system");
+
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns,
+            "virsh",
+            "-c",
+            uri.connect_str(),
+            "version",
+        ])
+        .output()
+        .expect("virsh");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "Unable to import client certificate {}",
+            dir.join("clientcert.pem").display()
+        )),
+        "libvirt read the certificates from the manager's directory: {stderr}"
+    );
+    assert!(!stderr.contains("c2VjcmV0LW1hcmtlcg"), "{stderr}");
+}

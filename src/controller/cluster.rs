@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
@@ -22,6 +23,7 @@ use crate::api::{
     LibvirtHost, LibvirtMachine,
 };
 use crate::libvirt::backend::{Backend, Deletion, HostRef};
+use crate::libvirt::credentials::{CredentialFiles, Credentials};
 use crate::libvirt::identity::MachineIdentity;
 use crate::libvirt::uri::{HostUri, UriPolicy};
 
@@ -51,6 +53,49 @@ pub fn host_ref(host: &LibvirtHost, policy: UriPolicy) -> std::result::Result<Ho
         uri,
         domain_type: host.domain_type.unwrap_or(DomainType::Kvm),
     })
+}
+
+/// The host as the backend connects to it: [`host_ref`], plus the credentials of its
+/// `credentialsSecretRef` (a Secret in `namespace`) written where libvirt reads them (see
+/// [`crate::libvirt::credentials`]). Errors name the Secret and the key at fault, never a value.
+pub async fn connectable<B: Backend>(
+    host: &LibvirtHost,
+    namespace: &str,
+    ctx: &Context<B>,
+) -> std::result::Result<HostRef, String> {
+    let mut href = host_ref(host, ctx.settings.uri_policy)?;
+    let Some(secret_ref) = &host.credentials_secret_ref else {
+        return Ok(href);
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secret = match secrets.get_opt(&secret_ref.name).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => {
+            return Err(format!(
+                "credentials Secret {} does not exist",
+                secret_ref.name
+            ));
+        }
+        Err(error) => {
+            return Err(format!(
+                "reading credentials Secret {}: {error}",
+                secret_ref.name
+            ));
+        }
+    };
+    let data: BTreeMap<String, Vec<u8>> = secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    let credentials = Credentials::from_secret(href.uri.transport(), &data)
+        .map_err(|e| format!("credentials Secret {}: {e}", secret_ref.name))?;
+    let dir = CredentialFiles::global()
+        .and_then(|files| files.write(&credentials))
+        .map_err(|e| format!("writing the credentials of Secret {}: {e}", secret_ref.name))?;
+    href.uri = href.uri.with_credentials(&credentials, &dir);
+    Ok(href)
 }
 
 /// The LibvirtMachines of cluster `cluster` in `namespace`, from the shared store.
@@ -173,8 +218,9 @@ async fn apply<B: Backend>(
     let mut problems = Vec::new();
     let mut versions = Vec::new();
     let mut failure_domains = Vec::new();
+    let namespace = object.namespace().unwrap_or_default();
     for host in &object.spec.hosts {
-        let href = match host_ref(host, ctx.settings.uri_policy) {
+        let href = match connectable(host, &namespace, ctx).await {
             Ok(href) => href,
             Err(error) => {
                 problems.push(format!("{}: {error}", host.name));

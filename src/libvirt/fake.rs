@@ -96,6 +96,8 @@ struct World {
     hosts: HashMap<String, FakeHost>,
     rules: Vec<Rule>,
     unreachable: HashSet<String>,
+    /// Every connection string a call used (credentials show as their parameters).
+    connections: BTreeSet<String>,
     calls: HashMap<Method, usize>,
     ignores_acpi: bool,
     deadlines: HashMap<Uuid, Instant>,
@@ -113,7 +115,8 @@ impl World {
         self.hosts.entry(uri.to_string()).or_default()
     }
 
-    fn reachable(&self, uri: &HostUri, step: Option<Step>) -> Result<(), BackendError> {
+    fn reachable(&mut self, uri: &HostUri, step: Option<Step>) -> Result<(), BackendError> {
+        self.connections.insert(uri.connect_str().to_owned());
         if self.unreachable.contains(uri.as_str()) {
             return Err(BackendError::new(
                 ErrorKind::HostUnreachable,
@@ -209,6 +212,11 @@ impl FakeBackend {
     /// How often `method` was called.
     pub fn calls(&self, method: Method) -> usize {
         lock(&self.world).calls.get(&method).copied().unwrap_or(0)
+    }
+
+    /// Every connection string calls used, as libvirt would have received it.
+    pub fn connections(&self) -> Vec<String> {
+        lock(&self.world).connections.iter().cloned().collect()
     }
 
     /// How many calls were made, all methods together.

@@ -95,7 +95,7 @@ impl Hosts {
             uri: uri.as_str(),
             started: std::time::Instant::now(),
         };
-        let slot = self.slot(uri.as_str());
+        let slot = self.slot(uri.connect_str());
         let permit = slot
             .permits
             .clone()

@@ -10,12 +10,14 @@
 //! - [`identity`]: names, MACs and volume prefixes derived from a machine's persisted UUID;
 //! - [`xml`]: domain XML from typed structs;
 //! - [`machine`]: idempotent create, leak-free delete and inventory of a machine on a host;
+//! - [`credentials`]: credential files for `qemu+ssh`/`qemu+tls` hosts, from a Secret;
 //! - [`hosts`]: one shared connection per host URI, reconnecting, with bounded concurrency;
 //! - [`volumes`]: volume upload/download through libvirt streams, pool space;
 //! - [`image`]: base images fetched once per host and pool, streamed and verified;
 //! - [`provision`]: machine creation as idempotent, crash-safe steps.
 
 pub mod backend;
+pub mod credentials;
 pub mod error;
 pub mod fake;
 pub mod hosts;
@@ -183,7 +185,7 @@ impl Host {
             virt::error::clear_error_callback();
             start_event_loop();
         });
-        let conn = Connect::open(Some(uri.as_str())).map_err(|error| Error::Connect {
+        let conn = Connect::open(Some(uri.connect_str())).map_err(|error| Error::Connect {
             uri: uri.to_string(),
             error,
         })?;

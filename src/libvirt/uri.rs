@@ -100,6 +100,9 @@ pub struct HostUri {
     transport: Transport,
     /// Query parameters in the order written.
     params: Vec<(String, String)>,
+    /// The string libvirt connects with when the manager added parameters of its own
+    /// (credential files); the URI as written otherwise.
+    connect: Option<String>,
 }
 
 impl fmt::Display for HostUri {
@@ -150,6 +153,7 @@ impl HostUri {
                 uri: value.to_owned(),
                 transport,
                 params: Vec::new(),
+                connect: None,
             });
         }
         let (authority, rest) = match rest.find('/') {
@@ -172,12 +176,35 @@ impl HostUri {
             uri: value.to_owned(),
             transport,
             params,
+            connect: None,
         })
     }
 
-    /// The URI as written (and as libvirt receives it).
+    /// The URI as written: what logs, metrics and statuses show.
     pub fn as_str(&self) -> &str {
         &self.uri
+    }
+
+    /// What libvirt connects with: the URI as written plus the manager's own parameters.
+    pub fn connect_str(&self) -> &str {
+        self.connect.as_deref().unwrap_or(&self.uri)
+    }
+
+    /// This URI with a parameter only the manager sets (a path it wrote), percent-encoded the
+    /// way libvirt decodes query values.
+    pub(super) fn with_connect_param(&self, key: &str, value: &str) -> HostUri {
+        const VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+            .remove(b'/')
+            .remove(b'-')
+            .remove(b'_')
+            .remove(b'.');
+        let encoded = percent_encoding::utf8_percent_encode(value, VALUE);
+        let base = self.connect_str();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        HostUri {
+            connect: Some(format!("{base}{separator}{key}={encoded}")),
+            ..self.clone()
+        }
     }
 
     pub fn transport(&self) -> Transport {

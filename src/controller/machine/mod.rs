@@ -34,7 +34,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::cluster::{cluster_name, host_ref, machine_cluster};
+use super::cluster::{cluster_name, connectable, machine_cluster};
 use super::conditions::{self as cond, reason};
 use super::{
     Context, Error, Result, Settings, amend_status, capi, key, managed_elsewhere, write_status,
@@ -347,7 +347,7 @@ async fn apply<B: Backend>(
     };
 
     // The host, and its record in the cluster's hostsInUse (made before anything is created).
-    let host = match resolve_host(&infra, &host_name, ctx) {
+    let host = match resolve_host(&infra, &host_name, ctx).await {
         Ok(host) => host,
         Err(message) => {
             draft.waiting(reason::INVALID_SPEC, message);
@@ -606,7 +606,7 @@ async fn infra_cluster<B: Backend>(
 
 /// The host `name` of the cluster: from `spec.hosts`, else (removed from the spec) the URI
 /// recorded in `hostsInUse`.
-fn resolve_host<B: Backend>(
+async fn resolve_host<B: Backend>(
     infra: &LibvirtCluster,
     name: &str,
     ctx: &Context<B>,
@@ -632,7 +632,10 @@ fn resolve_host<B: Backend>(
                 })
         })
         .ok_or_else(|| format!("host {name} is not one of the LibvirtCluster's hosts"))?;
-    host_ref(&host, ctx.settings.uri_policy).map_err(|e| format!("host {name}: {e}"))
+    let namespace = infra.namespace().unwrap_or_default();
+    connectable(&host, &namespace, ctx)
+        .await
+        .map_err(|e| format!("host {name}: {e}"))
 }
 
 /// Chooses a host: the Machine's failure domain, else among the eligible hosts (control-plane
@@ -694,7 +697,7 @@ async fn place<B: Backend>(
         if control_plane && host.control_plane == Some(false) {
             continue;
         }
-        let href = match host_ref(host, ctx.settings.uri_policy) {
+        let href = match connectable(host, &namespace.clone().unwrap_or_default(), ctx).await {
             Ok(href) => href,
             Err(error) => {
                 problems.push(format!("{}: {error}", host.name));
@@ -783,7 +786,7 @@ async fn cleanup<B: Backend>(
         return Ok(Action::await_change());
     };
     let host = match infra_cluster(ctx, object, cluster).await? {
-        Some(infra) => resolve_host(&infra, &host_name, ctx),
+        Some(infra) => resolve_host(&infra, &host_name, ctx).await,
         None => Err(format!(
             "the LibvirtCluster is gone, so host {host_name} cannot be reached to delete domain {}; \
              re-create the LibvirtCluster (the VM is then deleted), or remove the finalizer by hand \
