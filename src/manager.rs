@@ -223,11 +223,15 @@ async fn run_controllers(context: ControllerContext, leadership: Leadership) -> 
     tracing::info!("starting the controllers");
     let backend = crate::libvirt::live::LibvirtBackend::new(LIBVIRT_CALLS_PER_HOST)
         .context("starting the libvirt backend")?;
-    let result = crate::controller::run(
+    // Ready again once the controllers' caches hold the apiserver's state.
+    context.readiness.set("caches", false);
+    let readiness = context.readiness.clone();
+    let result = crate::controller::run_reporting(
         context.client,
         Arc::new(backend),
         crate::controller::Settings::from_manager(&context.settings),
         stopped(context.stop),
+        move || readiness.set("caches", true),
     )
     .await;
     // Credentials written for libvirt do not outlive the controllers.

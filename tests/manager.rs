@@ -249,6 +249,32 @@ fn metrics_serve_every_family_and_count_admissions() {
         sample(&after, series) >= sample(&before, series) + 2.0,
         "mutate + validate counted:\n{after}"
     );
+
+    // One reconcile: a LibvirtMachine without its Machine waits quietly (a success).
+    let mut reconciled = machine.clone();
+    reconciled["metadata"]["name"] = json!("reconciled");
+    let created = bed.kubectl_stdin(&["create", "-f", "-"], &reconciled.to_string());
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let series = r#"capl_reconcile_total{kind="LibvirtMachine",result="success"}"#;
+    let counted = poll(
+        "a counted reconcile",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let (_, now) = http_get(metrics_port, "/metrics");
+            let count = r#"capl_reconcile_duration_seconds_count{kind="LibvirtMachine"}"#;
+            Ok((sample(&now, series) >= 1.0 && sample(&now, count) >= 1.0).then_some(()))
+        },
+    );
+    bed.kubectl(&[
+        "delete",
+        "libvirtmachine",
+        "reconciled",
+        "-n",
+        "default",
+        "--wait=false",
+    ]);
+    counted.expect("the reconcile is counted");
 }
 
 fn lease_holder(bed: &support::TestBed, name: &str) -> String {

@@ -341,6 +341,18 @@ pub async fn run<B: Backend>(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
+    run_reporting(client, backend, settings, shutdown, || {}).await
+}
+
+/// [`run`], calling `synced` once both controllers' caches (reflector stores) hold the
+/// apiserver's state: the manager's `caches` readiness check.
+pub async fn run_reporting<B: Backend>(
+    client: Client,
+    backend: Arc<B>,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    synced: impl FnOnce() + Send + 'static,
+) -> anyhow::Result<()> {
     let wc = settings.watcher_config();
     let machine_api: Api<LibvirtMachine> = settings.api(&client);
     let cluster_api: Api<LibvirtCluster> = settings.api(&client);
@@ -352,12 +364,21 @@ pub async fn run<B: Backend>(
     let cluster_controller = Controller::new(cluster_api, wc.clone());
     let machines = machine_controller.store();
     let clusters = cluster_controller.store();
+    let caches = {
+        let (machines, clusters) = (machines.clone(), clusters.clone());
+        tokio::spawn(async move {
+            if synced_store(&machines).await && synced_store(&clusters).await {
+                synced();
+            }
+        })
+    };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let config = kube::runtime::Config::default().concurrency(settings.concurrency);
+    let resync = settings.resync;
 
     let machine_ctx = Arc::new(Context::new(
         client.clone(),
@@ -370,7 +391,11 @@ pub async fn run<B: Backend>(
     let machine_run = machine::controller(machine_controller, &client, &settings, &machines)
         .with_config(config.clone())
         .graceful_shutdown_on(stopped(stop_rx.clone()))
-        .run(machine::reconcile, error_policy, machine_ctx);
+        .run(
+            move |object, ctx| measured("LibvirtMachine", resync, machine::reconcile(object, ctx)),
+            error_policy,
+            machine_ctx,
+        );
 
     let cluster_ctx = Arc::new(Context::new(
         client.clone(),
@@ -383,7 +408,11 @@ pub async fn run<B: Backend>(
     let cluster_run = cluster::controller(cluster_controller, &client, &settings, &clusters)
         .with_config(config)
         .graceful_shutdown_on(stopped(stop_rx))
-        .run(cluster::reconcile, error_policy, cluster_ctx);
+        .run(
+            move |object, ctx| measured("LibvirtCluster", resync, cluster::reconcile(object, ctx)),
+            error_policy,
+            cluster_ctx,
+        );
 
     let stopping = stop_tx.subscribe();
     let stop = tokio::spawn(async move {
@@ -406,7 +435,47 @@ pub async fn run<B: Backend>(
         } => tracing::warn!(after = ?STOP_GRACE, "controllers stopped with work still waiting (a watch that never synced?)"),
     }
     stop.abort();
+    caches.abort();
     Ok(())
+}
+
+/// Whether `store` got the apiserver's state (false: its writer is gone). Polled afresh every
+/// 50 ms: a store's readiness wakes only its latest waiter, and the controller's runner waits
+/// on it too.
+async fn synced_store<K>(store: &Store<K>) -> bool
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(ready) =
+            tokio::time::timeout(Duration::from_millis(50), store.wait_until_ready()).await
+        {
+            return ready.is_ok();
+        }
+    }
+}
+
+/// Runs one reconcile of `kind`, recording it in `capl_reconcile_total` (result `success`: done
+/// or resting until the sync period; `requeue`: waiting for something on purpose; `error`) and
+/// `capl_reconcile_duration_seconds`.
+async fn measured(
+    kind: &'static str,
+    resync: Duration,
+    reconcile: impl Future<Output = Result<Action>>,
+) -> Result<Action> {
+    use crate::metrics::ReconcileResult;
+    let timer = crate::metrics::global().reconcile_started(kind);
+    let result = reconcile.await;
+    timer.finish(match &result {
+        Ok(action) if *action == Action::await_change() || *action == Action::requeue(resync) => {
+            ReconcileResult::Success
+        }
+        Ok(_) => ReconcileResult::Requeue,
+        Err(error) if waiting(error).is_some() => ReconcileResult::Requeue,
+        Err(_) => ReconcileResult::Error,
+    });
+    result
 }
 
 /// Applies `status` (server-side apply, our field manager, forced) when it differs from
