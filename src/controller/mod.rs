@@ -76,8 +76,10 @@ pub struct Settings {
     /// Only objects whose `cluster.x-k8s.io/watch-filter` label has this value
     /// (`--watch-filter`); all when `None`.
     pub watch_filter: Option<String>,
-    /// Reconciles of one kind running at once (0: unbounded).
+    /// LibvirtMachine reconciles running at once (0: unbounded).
     pub concurrency: u16,
+    /// LibvirtCluster reconciles running at once (0: unbounded).
+    pub cluster_concurrency: u16,
     /// How long a guest gets to shut down on delete before it is stopped hard.
     pub shutdown_grace: Duration,
     /// Requeue while the backend works (creation in progress, a guest shutting down).
@@ -102,6 +104,7 @@ impl Default for Settings {
             namespace: None,
             watch_filter: None,
             concurrency: 0,
+            cluster_concurrency: 0,
             shutdown_grace: Duration::from_secs(60),
             poll_interval: Duration::from_secs(2),
             invalid_requeue: Duration::from_secs(300),
@@ -115,14 +118,15 @@ impl Default for Settings {
 
 impl Settings {
     /// The settings the manager's command line asks for (`--allow-test-driver`, `--namespace`,
-    /// `--watch-filter`, `--sync-period`, `--libvirtmachine-concurrency`); everything else keeps
-    /// its default.
+    /// `--watch-filter`, `--sync-period`, `--libvirtmachine-concurrency`,
+    /// `--libvirtcluster-concurrency`); everything else keeps its default.
     pub fn from_manager(settings: &crate::config::ControllerSettings) -> Self {
         Self {
             uri_policy: settings.uri_policy,
             namespace: settings.namespace.clone(),
             watch_filter: settings.watch_filter.clone(),
             concurrency: settings.machine_concurrency,
+            cluster_concurrency: settings.cluster_concurrency,
             resync: settings.sync_period,
             ..Self::default()
         }
@@ -377,7 +381,8 @@ pub async fn run_reporting<B: Backend>(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let config = kube::runtime::Config::default().concurrency(settings.concurrency);
+    let machine_config = kube::runtime::Config::default().concurrency(settings.concurrency);
+    let cluster_config = kube::runtime::Config::default().concurrency(settings.cluster_concurrency);
     let resync = settings.resync;
 
     let machine_ctx = Arc::new(Context::new(
@@ -389,7 +394,7 @@ pub async fn run_reporting<B: Backend>(
         clusters.clone(),
     ));
     let machine_run = machine::controller(machine_controller, &client, &settings, &machines)
-        .with_config(config.clone())
+        .with_config(machine_config)
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(
             move |object, ctx| measured("LibvirtMachine", resync, machine::reconcile(object, ctx)),
@@ -406,7 +411,7 @@ pub async fn run_reporting<B: Backend>(
         clusters.clone(),
     ));
     let cluster_run = cluster::controller(cluster_controller, &client, &settings, &clusters)
-        .with_config(config)
+        .with_config(cluster_config)
         .graceful_shutdown_on(stopped(stop_rx))
         .run(
             move |object, ctx| measured("LibvirtCluster", resync, cluster::reconcile(object, ctx)),
@@ -649,6 +654,19 @@ mod tests {
         assert_eq!(settings.namespace.as_deref(), Some("tenant-a"));
         assert_eq!(settings.watch_filter.as_deref(), Some("mine"));
         assert!(settings.uri_policy.allow_test_driver);
+        let concurrency = Settings::from_manager(
+            &crate::config::Cli::parse_from([
+                "manager",
+                "--libvirtmachine-concurrency=7",
+                "--libvirtcluster-concurrency=2",
+            ])
+            .run
+            .controller_settings(),
+        );
+        assert_eq!(
+            (concurrency.concurrency, concurrency.cluster_concurrency),
+            (7, 2)
+        );
         let defaults = Settings::from_manager(
             &crate::config::Cli::parse_from(["manager"])
                 .run
