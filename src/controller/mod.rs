@@ -364,8 +364,10 @@ pub async fn run_reporting<B: Backend>(
     machine_api.list(&ListParams::default().limit(1)).await?;
     cluster_api.list(&ListParams::default().limit(1)).await?;
 
-    let machine_controller = Controller::new(machine_api, wc.clone());
-    let cluster_controller = Controller::new(cluster_api, wc.clone());
+    let machine_controller =
+        Controller::new(machine_api, wc.clone()).trigger_backoff(WatchBackoff::default());
+    let cluster_controller =
+        Controller::new(cluster_api, wc.clone()).trigger_backoff(WatchBackoff::default());
     let machines = machine_controller.store();
     let clusters = cluster_controller.store();
     let caches = {
@@ -481,6 +483,46 @@ async fn measured(
         Err(_) => ReconcileResult::Error,
     });
     result
+}
+
+/// First pause of a controller's watches after a watch error.
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest pause of a controller's watches after watch errors.
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The backoff of a controller's watches: 100 ms, doubling up to 2 s, reset by the next event.
+/// kube-runtime pauses *all* of a controller's watches (its own kind and every `watches`) after
+/// an error of any one of them, with one shared backoff; its default (0.8 s doubling to 30 s,
+/// jittered up to 60 s, reset only by an event) grows with every error of every watch, so after an
+/// apiserver restart (connection refused, then "410 too old resource version" once per watch) the
+/// controllers stay deaf for minutes. Retrying a watch every 2 s at most is cheap.
+#[derive(Clone, Debug)]
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self {
+            next: WATCH_BACKOFF_MIN,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (delay * 2).min(WATCH_BACKOFF_MAX);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_BACKOFF_MIN;
+    }
 }
 
 /// Applies `status` (server-side apply, our field manager, forced) when it differs from
@@ -631,6 +673,16 @@ fn capi_api(
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn watch_backoff_is_short_and_resets() {
+        use kube::runtime::utils::Backoff;
+        let mut backoff = WatchBackoff::default();
+        let delays: Vec<u128> = backoff.by_ref().take(7).map(|d| d.as_millis()).collect();
+        assert_eq!(delays, vec![100, 200, 400, 800, 1600, 2000, 2000]);
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(Duration::from_millis(100)));
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
