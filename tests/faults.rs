@@ -32,6 +32,8 @@ const NETWORK: &str = "capl-faults";
 const BASE: &str = "faults-base.qcow2";
 /// Upper bound of every wait.
 const WAIT: Duration = Duration::from_secs(120);
+/// How soon after a fault ends the manager must be back at work.
+const RECOVERY: Duration = Duration::from_secs(30);
 
 /// The tests stop shared parts of the bed (libvirtd, kube-apiserver): one at a time.
 fn serial() -> MutexGuard<'static, ()> {
@@ -194,8 +196,16 @@ impl World {
     /// The LibvirtMachines whose VM runs (`VMProvisioned` true, a providerID), once all of
     /// `names` are.
     async fn wait_provisioned(&self, names: &[String]) -> Vec<LibvirtMachine> {
+        self.wait_provisioned_within(names, WAIT).await
+    }
+
+    async fn wait_provisioned_within(
+        &self,
+        names: &[String],
+        timeout: Duration,
+    ) -> Vec<LibvirtMachine> {
         let api = self.libvirt_machines();
-        eventually("the LibvirtMachines to be provisioned", WAIT, || async {
+        eventually("the LibvirtMachines to be provisioned", timeout, || async {
             let list = api.list(&Default::default()).await.ok()?;
             let done: Vec<LibvirtMachine> = list
                 .items
@@ -508,13 +518,13 @@ async fn an_unreachable_host_is_reported_and_recovered_from_without_a_second_vm(
     bed.libvirtd().as_mut().expect("libvirtd").start_daemon().expect("libvirtd restarts");
     println!("libvirtd was down for {:?}", outage.elapsed());
     let back = Instant::now();
-    eventually("the LibvirtCluster to be Ready again", WAIT, || async {
+    eventually("the LibvirtCluster to be Ready again", RECOVERY, || async {
         let c = clusters.get("c1").await.ok()?;
         let ok = |kind| condition_of(&c.status, kind).is_some_and(|c| c.0 == "True");
         (ok("Ready") && ok("HostsReachable")).then_some(())
     })
     .await;
-    eventually("the LibvirtMachine to recover", WAIT, || async {
+    eventually("the LibvirtMachine to recover", RECOVERY, || async {
         let m = machines.get("m1").await.ok()?;
         let ready = condition_of(&m.status, "Ready")?;
         (vm_provisioned(&m) && ready.1 != "HostUnreachable").then_some(())
@@ -554,7 +564,7 @@ async fn the_manager_recovers_from_an_apiserver_restart_on_its_own() {
     let url = {
         let mut plane = bed.plane();
         let plane = plane.as_mut().expect("the control plane");
-        plane.stop_apiserver().expect("stopping kube-apiserver");
+        plane.kill_apiserver().expect("killing kube-apiserver");
         plane.url.clone()
     };
     let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
@@ -562,7 +572,8 @@ async fn the_manager_recovers_from_an_apiserver_restart_on_its_own() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "kube-apiserver is down"
     );
-    // An outage long enough for every watch and request of the manager to fail.
+    // An outage long enough for every watch and request of the manager to fail (and to back
+    // off a few times).
     tokio::time::sleep(Duration::from_secs(5)).await;
     world.manager_running();
     bed.plane()
@@ -575,8 +586,9 @@ async fn the_manager_recovers_from_an_apiserver_restart_on_its_own() {
     // A fresh client: the old one's connections died with the apiserver.
     world.client = bed.client().await;
     world.create_machine("c1", "m2").await;
+    // Recovering takes the manager a moment (its watches relist), not minutes.
     let machines = world
-        .wait_provisioned(&["m1".into(), "m2".into()])
+        .wait_provisioned_within(&["m1".into(), "m2".into()], RECOVERY)
         .await;
     println!(
         "a machine created after the restart was provisioned in {:?}",

@@ -169,13 +169,19 @@ impl ControlPlane {
             .collect()
     }
 
-    /// Stops kube-apiserver (SIGTERM, then SIGKILL after 10 s); etcd keeps running. Clients get
-    /// "connection refused" until [`ControlPlane::start_apiserver`].
-    pub fn stop_apiserver(&mut self) -> Result<()> {
+    /// Kills kube-apiserver (SIGKILL: no graceful shutdown, its connections just break); etcd
+    /// keeps running. Clients get "connection refused" until [`ControlPlane::start_apiserver`].
+    pub fn kill_apiserver(&mut self) -> Result<()> {
         let Some(index) = self.procs.iter().position(|p| p.name() == "kube-apiserver") else {
             bail!("kube-apiserver is not running");
         };
-        self.procs.remove(index).stop(Duration::from_secs(10));
+        let mut proc = self.procs.remove(index);
+        let pid = libc::pid_t::try_from(proc.pid())?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        proc.stop(Duration::ZERO);
         Ok(())
     }
 
