@@ -25,6 +25,8 @@ pub struct ControlPlane {
     kubectl: PathBuf,
     /// Stopped in reverse order: apiserver first, then etcd.
     procs: Vec<Proc>,
+    /// How kube-apiserver was started (for [`ControlPlane::start_apiserver`]).
+    apiserver: (PathBuf, Vec<String>, Lifetime),
 }
 
 /// A free TCP port on 127.0.0.1 (the OS picks it; the small race with other binds is accepted).
@@ -71,29 +73,28 @@ impl ControlPlane {
             .arg("--log-level=warn");
         procs.push(Proc::spawn("etcd", etcd, &dir.join("etcd.log"), lifetime)?);
 
+        let apiserver_args: Vec<String> = vec![
+            format!("--etcd-servers={client_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={secure_port}"),
+            format!("--cert-dir={}", pki.display()),
+            format!("--tls-cert-file={}", serving.cert.display()),
+            format!("--tls-private-key-file={}", serving.key.display()),
+            format!("--client-ca-file={}", ca_file.display()),
+            format!("--service-account-key-file={}", sa_pub.display()),
+            format!("--service-account-signing-key-file={}", sa_key.display()),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            "--service-cluster-ip-range=10.96.0.0/24".into(),
+            "--authorization-mode=RBAC".into(),
+            "--allow-privileged=true".into(),
+            "--endpoint-reconciler-type=none".into(),
+            "--enable-priority-and-fairness=false".into(),
+            "--profiling=false".into(),
+            "--v=1".into(),
+        ];
         let mut apiserver = Command::new(&tools.kube_apiserver);
-        apiserver
-            .arg(format!("--etcd-servers={client_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--secure-port={secure_port}"))
-            .arg(format!("--cert-dir={}", pki.display()))
-            .arg(format!("--tls-cert-file={}", serving.cert.display()))
-            .arg(format!("--tls-private-key-file={}", serving.key.display()))
-            .arg(format!("--client-ca-file={}", ca_file.display()))
-            .arg(format!("--service-account-key-file={}", sa_pub.display()))
-            .arg(format!(
-                "--service-account-signing-key-file={}",
-                sa_key.display()
-            ))
-            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg("--service-cluster-ip-range=10.96.0.0/24")
-            .arg("--authorization-mode=RBAC")
-            .arg("--allow-privileged=true")
-            .arg("--endpoint-reconciler-type=none")
-            .arg("--enable-priority-and-fairness=false")
-            .arg("--profiling=false")
-            .arg("--v=1");
+        apiserver.args(&apiserver_args);
         procs.push(Proc::spawn(
             "kube-apiserver",
             apiserver,
@@ -116,6 +117,7 @@ impl ControlPlane {
             dir: dir.to_owned(),
             kubectl: tools.kubectl.clone(),
             procs,
+            apiserver: (tools.kube_apiserver.clone(), apiserver_args, lifetime),
         };
         plane.wait_ready()?;
         Ok(plane)
@@ -165,6 +167,40 @@ impl ControlPlane {
             .into_iter()
             .map(|proc| (proc.name().to_owned(), proc.detach()))
             .collect()
+    }
+
+    /// Kills kube-apiserver (SIGKILL: no graceful shutdown, its connections just break); etcd
+    /// keeps running. Clients get "connection refused" until [`ControlPlane::start_apiserver`].
+    pub fn kill_apiserver(&mut self) -> Result<()> {
+        let Some(index) = self.procs.iter().position(|p| p.name() == "kube-apiserver") else {
+            bail!("kube-apiserver is not running");
+        };
+        let mut proc = self.procs.remove(index);
+        let pid = libc::pid_t::try_from(proc.pid())?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        proc.stop(Duration::ZERO);
+        Ok(())
+    }
+
+    /// Starts kube-apiserver again, with the same flags (port, certificates, etcd), and waits until
+    /// it is ready.
+    pub fn start_apiserver(&mut self) -> Result<()> {
+        if self.procs.iter().any(|p| p.name() == "kube-apiserver") {
+            bail!("kube-apiserver is already running");
+        }
+        let (binary, args, lifetime) = &self.apiserver;
+        let mut cmd = Command::new(binary);
+        cmd.args(args);
+        self.procs.push(Proc::spawn(
+            "kube-apiserver",
+            cmd,
+            &self.dir.join("kube-apiserver.log"),
+            *lifetime,
+        )?);
+        self.wait_ready()
     }
 
     /// Stops the apiserver, then etcd.

@@ -30,6 +30,7 @@ pub struct Libvirtd {
     pub uri: String,
     pub dir: PathBuf,
     proc: Option<Proc>,
+    lifetime: Lifetime,
 }
 
 impl Libvirtd {
@@ -46,7 +47,7 @@ impl Libvirtd {
             Lifetime::Detached => format!("{NETNS_PREFIX}dev"),
         };
         let dir = dir.to_owned();
-        for sub in ["etc", "lib", "log", "cache", "sock", "images"] {
+        for sub in ["etc", "run", "lib", "log", "cache", "sock", "images"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         std::fs::write(
@@ -86,11 +87,24 @@ impl Libvirtd {
             netns,
             dir,
             proc: None,
+            lifetime,
         };
+        this.start_daemon()?;
+        Ok(this)
+    }
+
+    /// Starts libvirtd (again) in the namespace, on the state under `dir`: a daemon started after
+    /// [`Libvirtd::stop_daemon`] finds the guests and networks that kept running (their runtime
+    /// state in `/run/libvirt` is a directory of the bed, not a tmpfs that dies with the daemon's
+    /// mount namespace) and reconnects to them, as libvirtd does after a restart on a real host.
+    pub fn start_daemon(&mut self) -> Result<()> {
+        if self.proc.is_some() {
+            bail!("libvirtd is already running");
+        }
         let script = format!(
             r#"set -eu
 for d in /run/libvirt /etc/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt; do mkdir -p "$d"; done
-mount -t tmpfs -o mode=0755 tmpfs /run/libvirt
+mount --bind '{dir}/run' /run/libvirt
 mount --bind '{dir}/etc' /etc/libvirt
 mount --bind '{dir}/lib' /var/lib/libvirt
 mount --bind '{dir}/log' /var/log/libvirt
@@ -98,18 +112,26 @@ mount --bind '{dir}/cache' /var/cache/libvirt
 ip link set lo up
 exec libvirtd -f /etc/libvirt/libvirtd.conf --pid-file '{dir}/libvirtd.pid'
 "#,
-            dir = this.dir.display()
+            dir = self.dir.display()
         );
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &this.netns, "sh", "-c", &script]);
-        this.proc = Some(Proc::spawn(
+        cmd.args(["netns", "exec", &self.netns, "sh", "-c", &script]);
+        self.proc = Some(Proc::spawn(
             "libvirtd",
             cmd,
-            &this.dir.join("libvirtd.out"),
-            lifetime,
+            &self.dir.join("libvirtd.out"),
+            self.lifetime,
         )?);
-        this.wait_ready()?;
-        Ok(this)
+        self.wait_ready()
+    }
+
+    /// Stops only the libvirtd process (SIGTERM, as a service restart does): its guests, their
+    /// QEMU processes and its networks' dnsmasq keep running, and clients get "connection
+    /// refused" until [`Libvirtd::start_daemon`].
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.stop(Duration::from_secs(10));
+        }
     }
 
     fn wait_ready(&mut self) -> Result<()> {
