@@ -33,7 +33,7 @@ const BASE: &str = "faults-base.qcow2";
 /// Upper bound of every wait.
 const WAIT: Duration = Duration::from_secs(120);
 /// How soon after a fault ends the manager must be back at work.
-const RECOVERY: Duration = Duration::from_secs(30);
+const RECOVERY: Duration = Duration::from_secs(60);
 
 /// The tests stop shared parts of the bed (libvirtd, kube-apiserver): one at a time. (A tokio
 /// mutex: the guard lives across awaits, and a failed test releases it without poisoning.)
