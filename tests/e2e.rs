@@ -554,3 +554,229 @@ async fn a_deleted_status_is_rebuilt_identically() {
     assert_eq!(env.inventory().await.0.len(), 1, "no second VM");
     env.stop().await;
 }
+
+// ---------------------------------------------------------------- the real libvirtd + QEMU
+
+/// Sum of every `capl_libvirt_call_duration_seconds_count` series on the manager's /metrics.
+fn libvirt_calls(port: u16) -> f64 {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+        .lines()
+        .filter(|l| l.starts_with("capl_libvirt_call_duration_seconds_count{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn condition_status(m: &LibvirtMachine, kind: &str) -> Option<String> {
+    m.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
+}
+
+/// The `manager` binary on the bed's real libvirtd: a real QEMU guest boots the test guest's
+/// disk, reads its cloud-config Secret from the NoCloud seed and takes a DHCP lease, which
+/// becomes the Machine's address; pausing the Cluster stops every libvirt call (counted on the
+/// manager's /metrics); deleting the Cluster leaves no domain and no volume (an independent
+/// connection checks).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_guest_boots_from_its_cloud_config_and_its_lease_becomes_the_machine_address() {
+    let ns = "e2e-qemu";
+    let bed = support::shared();
+    bed.capi();
+    let (uri, pool_dir) = {
+        let libvirtd = bed.libvirtd();
+        let libvirtd = libvirtd.as_ref().expect("libvirtd");
+        (libvirtd.uri.clone(), libvirtd.images().join("capl-e2e"))
+    };
+    let host = capl::libvirt::Host::open(&support::host_uri(&uri)).expect("an own connection");
+    let prepared = support::guest_host::prepare(&host, "capl-e2e", &pool_dir, "caple2e0", 11)
+        .expect("pool, network and guest image");
+    let client = bed.client().await;
+    namespace(&client, ns).await;
+    let metrics = support::apiserver::free_port().expect("a port");
+    let (_manager, _) = bed.start_manager(
+        ns,
+        env!("CARGO_BIN_EXE_manager"),
+        &[
+            format!("--libvirt-uri={uri}"),
+            "--webhook-port=0".into(),
+            format!("--namespace={ns}"),
+            "--sync-period=2s".into(),
+            format!("--metrics-bind-address=127.0.0.1:{metrics}"),
+        ],
+    );
+    let (clusters, machines) = ours(&client, ns);
+    capi(&client, ns, "Cluster")
+        .create(&PostParams::default(), &cluster("real"))
+        .await
+        .expect("creating the Cluster");
+    clusters
+        .create(
+            &PostParams::default(),
+            &libvirt_cluster_on(
+                "real",
+                json!([{"name": "hv1", "uri": uri, "domainType": "qemu"}]),
+                &prepared.pool,
+                &prepared.network,
+            ),
+        )
+        .await
+        .expect("creating the LibvirtCluster");
+    let marker = "capl-e2e-cloud-config-marker";
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &cloud_config_secret(
+                "guest-bootstrap",
+                &format!("#cloud-config\nruncmd:\n  - echo {marker}\n"),
+            ),
+        )
+        .await
+        .expect("creating the bootstrap Secret");
+    machines
+        .create(
+            &PostParams::default(),
+            &libvirt_machine_on(
+                "real",
+                "guest",
+                &prepared.pool,
+                support::guest_host::GUEST_VOLUME,
+            ),
+        )
+        .await
+        .expect("creating the LibvirtMachine");
+    capi(&client, ns, "Machine")
+        .create(&PostParams::default(), &machine("real", "guest"))
+        .await
+        .expect("creating the Machine");
+
+    let started = std::time::Instant::now();
+    let guest = eventually(
+        "the guest's lease as its address",
+        Duration::from_secs(240),
+        || async {
+            let m = machines.get("guest").await.ok()?;
+            provisioned(&m).then_some(m)
+        },
+    )
+    .await;
+    println!("provisioned with a lease after {:?}", started.elapsed());
+    let uuid = guest.spec.domain_uuid.clone().expect("domainUUID");
+    let identity = capl::libvirt::identity::MachineIdentity::new(
+        ns,
+        "guest",
+        uuid.parse().expect("a UUID"),
+    );
+    let addresses = guest
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.clone())
+        .expect("addresses");
+    let leases: Vec<String> = host
+        .addresses(&identity)
+        .expect("the host's view")
+        .into_iter()
+        .filter(|a| a.source == capl::libvirt::machine::AddressSource::Lease)
+        .map(|a| a.address.to_string())
+        .collect();
+    assert!(
+        !leases.is_empty() && leases[0].starts_with(&prepared.subnet),
+        "{leases:?}"
+    );
+    assert!(
+        addresses.iter().any(|a| a.address == leases[0]),
+        "the lease {leases:?} is the machine's address: {addresses:?}"
+    );
+    let console = host.console_tail(&identity, 64 * 1024).expect("console");
+    assert!(
+        console.contains("capl-guest: seed found") && console.contains(marker),
+        "the guest booted its disk and read its cloud-config:\n{console}"
+    );
+    // Cluster API's Machine carries the address too.
+    eventually("the Machine's address", WAIT, || async {
+        let m = capi(&client, ns, "Machine").get("guest").await.ok()?;
+        let found = m.data.pointer("/status/addresses")?.as_array()?.clone();
+        found
+            .iter()
+            .any(|a| a["address"] == json!(leases[0]))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        support::guest_host::domains(&host).unwrap(),
+        vec![identity.domain_name()]
+    );
+
+    // Pause: once both objects say Paused, no libvirt call is made across several resyncs.
+    capi(&client, ns, "Cluster")
+        .patch(
+            "real",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": true}})),
+        )
+        .await
+        .expect("pausing");
+    eventually("Paused conditions", WAIT, || async {
+        let m = machines.get("guest").await.ok()?;
+        let c = clusters.get("real").await.ok()?;
+        let cluster_paused = c
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Paused" && c.status == "True");
+        (condition_status(&m, "Paused").as_deref() == Some("True") && cluster_paused).then_some(())
+    })
+    .await;
+    // A reconcile in flight when the pause landed may still finish its call.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = libvirt_calls(metrics);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let during = libvirt_calls(metrics);
+    assert_eq!(before, during, "no libvirt call while paused (3 sync periods)");
+    capi(&client, ns, "Cluster")
+        .patch(
+            "real",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": false}})),
+        )
+        .await
+        .expect("unpausing");
+    eventually("libvirt calls after the pause", WAIT, || async {
+        (libvirt_calls(metrics) > during).then_some(())
+    })
+    .await;
+    println!("libvirt calls: {before} before the pause window, {during} after it");
+
+    // Deleting the Cluster deletes everything it made on the host.
+    capi(&client, ns, "Cluster")
+        .delete("real", &DeleteParams::default())
+        .await
+        .expect("deleting the Cluster");
+    eventually("the Cluster to be gone", WAIT, || async {
+        let gone = capi(&client, ns, "Cluster").get_opt("real").await.ok()?.is_none();
+        let machines_gone = machines.list(&Default::default()).await.ok()?.items.is_empty();
+        (gone && machines_gone).then_some(())
+    })
+    .await;
+    assert_eq!(
+        support::guest_host::domains(&host).unwrap(),
+        Vec::<String>::new(),
+        "no domain left"
+    );
+    assert_eq!(
+        support::guest_host::volumes(&host, &prepared.pool).unwrap(),
+        vec![support::guest_host::GUEST_VOLUME.to_owned()],
+        "no volume left but the guest image"
+    );
+}
