@@ -127,6 +127,24 @@ fn infra(client: &Client, ns: &str, kind: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &resource)
 }
 
+/// Waits until LibvirtMachine `name` is [`provisioned`]; shows it when it is not in time.
+async fn wait_provisioned(machines: &Api<LibvirtMachine>, name: &str) -> LibvirtMachine {
+    let wait = eventually("the LibvirtMachine to be provisioned", WAIT, || async {
+        let m = machines.get(name).await.ok()?;
+        provisioned(&m).then_some(m)
+    });
+    match tokio::time::timeout(WAIT - Duration::from_secs(1), wait).await {
+        Ok(m) => m,
+        Err(_) => {
+            let m = machines.get(name).await.ok();
+            panic!(
+                "{name} was not provisioned: {}",
+                serde_json::to_string_pretty(&m).unwrap_or_default()
+            )
+        }
+    }
+}
+
 /// True once a LibvirtMachine is provisioned, Ready, with a providerID and an address.
 fn provisioned(m: &LibvirtMachine) -> bool {
     let Some(status) = m.status.as_ref() else {
@@ -228,20 +246,7 @@ impl TestDriver {
     }
 
     async fn wait_provisioned(&self, name: &str) -> LibvirtMachine {
-        let wait = eventually("the LibvirtMachine to be provisioned", WAIT, || async {
-            let m = self.machines.get(name).await.ok()?;
-            provisioned(&m).then_some(m)
-        });
-        match tokio::time::timeout(WAIT - Duration::from_secs(1), wait).await {
-            Ok(m) => m,
-            Err(_) => {
-                let m = self.machines.get(name).await.ok();
-                panic!(
-                    "{name} was not provisioned: {}",
-                    serde_json::to_string_pretty(&m).unwrap_or_default()
-                )
-            }
-        }
+        wait_provisioned(&self.machines, name).await
     }
 
     /// This namespace's domains (with their recorded owner) and volumes, read through the
@@ -779,4 +784,251 @@ async fn a_real_guest_boots_from_its_cloud_config_and_its_lease_becomes_the_mach
         vec![support::guest_host::GUEST_VOLUME.to_owned()],
         "no volume left but the guest image"
     );
+}
+
+// ---------------------------------------------------------------- clusterctl move
+
+/// `(name, uuid, id)` of this namespace's domains on the test driver: a re-created or restarted
+/// domain gets another id.
+async fn domain_ids(env: &TestDriver) -> Vec<(String, String, u32)> {
+    let prefix = format!("{}_", env.ns);
+    env.backend
+        .hosts()
+        .run(&support::host_uri("test:///default"), move |host| {
+            let mut found = Vec::new();
+            for d in host.connection().list_all_domains(0).unwrap_or_default() {
+                let name = d.name().unwrap_or_default();
+                if name.starts_with(&prefix) {
+                    found.push((
+                        name,
+                        d.uuid_string().unwrap_or_default(),
+                        d.id().unwrap_or(0),
+                    ));
+                }
+            }
+            found.sort();
+            Ok(found)
+        })
+        .await
+        .expect("the test driver")
+}
+
+/// `clusterctl move` from the shared bed's apiserver to a second one, each with the real CAPI
+/// core and these controllers (on one backend: the same hypervisor). The bed's apiserver also
+/// plays the workload cluster, so that the Machine gets the nodeRef `clusterctl move` waits for.
+#[tokio::test(flavor = "multi_thread")]
+async fn clusterctl_move_keeps_the_vm_rebuilds_the_status_and_delete_cleans_up_after() {
+    let ns = "e2e-move";
+    let env = test_driver(ns).await;
+    let bed = support::shared();
+    // The target management cluster: etcd + kube-apiserver + CAPI core + our CRDs.
+    let dir = bed.test_dir("move");
+    let tools = support::tools::Tools::locate().expect("tools");
+    let (target, target_capi) = tokio::task::spawn_blocking(move || {
+        let plane = support::apiserver::ControlPlane::start(
+            &tools,
+            &dir.join("target"),
+            support::process::Lifetime::TestProcess,
+        )
+        .expect("the target apiserver");
+        let capi = support::capi::CapiCore::start(
+            &tools,
+            &plane,
+            &dir.join("target-capi"),
+            support::process::Lifetime::TestProcess,
+        )
+        .expect("the target's CAPI core");
+        let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+        plane
+            .kubectl_ok(&["apply", "--server-side", "-f", &crds.to_string_lossy()])
+            .expect("our CRDs on the target");
+        plane
+            .kubectl_ok(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd",
+                "-l",
+                "cluster.x-k8s.io/provider=infrastructure-libvirt",
+            ])
+            .expect("our CRDs established");
+        (plane, capi)
+    })
+    .await
+    .expect("starting the target");
+
+    // The source: a cluster with one control-plane machine, its bootstrap Secret and the
+    // workload cluster's kubeconfig (both named `<cluster>-…`, so clusterctl moves them).
+    env.cluster("mv").await;
+    let kubeconfig = std::fs::read_to_string(&bed.kubeconfig).expect("kubeconfig");
+    let secrets = Api::<Secret>::namespaced(env.client.clone(), ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "mv-kubeconfig", "labels": {"cluster.x-k8s.io/cluster-name": "mv"}},
+                "type": "cluster.x-k8s.io/secret",
+                "stringData": {"value": kubeconfig},
+            }))
+            .unwrap(),
+        )
+        .await
+        .expect("the workload kubeconfig");
+    // A hand-written bootstrap Secret moves only with an owner (a bootstrap provider's Secret is
+    // owned by its config object): the Cluster here.
+    let cluster_uid = capi(&env.client, ns, "Cluster")
+        .get("mv")
+        .await
+        .unwrap()
+        .uid()
+        .unwrap();
+    let mut bootstrap = cloud_config_secret("mv-cp-bootstrap", "#cloud-config\n");
+    bootstrap.metadata.owner_references = Some(vec![
+        serde_json::from_value(json!({
+            "apiVersion": "cluster.x-k8s.io/v1beta2",
+            "kind": "Cluster",
+            "name": "mv",
+            "uid": cluster_uid,
+        }))
+        .unwrap(),
+    ]);
+    secrets
+        .create(&PostParams::default(), &bootstrap)
+        .await
+        .unwrap();
+    env.machines
+        .create(
+            &PostParams::default(),
+            &libvirt_machine_on("mv", "mv-cp", TEST_POOL, TEST_IMAGE),
+        )
+        .await
+        .unwrap();
+    let mut cp = machine("mv", "mv-cp");
+    cp.metadata
+        .labels
+        .get_or_insert_default()
+        .insert("cluster.x-k8s.io/control-plane".into(), String::new());
+    capi(&env.client, ns, "Machine")
+        .create(&PostParams::default(), &cp)
+        .await
+        .unwrap();
+    let before = env.wait_provisioned("mv-cp").await;
+    let provider_id = before.spec.provider_id.clone().expect("providerID");
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "e2e-move-mv-cp"},
+                "spec": {"providerID": provider_id},
+            }))
+            .unwrap(),
+        )
+        .await
+        .expect("the Node");
+    eventually("the nodeRef and an initialized control plane", WAIT, || async {
+        let m = capi(&env.client, ns, "Machine").get("mv-cp").await.ok()?;
+        let c = capi(&env.client, ns, "Cluster").get("mv").await.ok()?;
+        let initialized = c
+            .data
+            .pointer("/status/conditions")?
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "ControlPlaneInitialized" && c["status"] == "True");
+        (m.data.pointer("/status/nodeRef").is_some() && initialized).then_some(())
+    })
+    .await;
+    // clusterctl discovers the kinds to move by this label (`clusterctl init` would set it).
+    let out = bed.kubectl(&[
+        "label",
+        "crd",
+        "--all",
+        "clusterctl.cluster.x-k8s.io=",
+        "--overwrite",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let vms_before = domain_ids(&env).await;
+    assert_eq!(vms_before.len(), 1);
+
+    // Our controllers on the target, on the same hypervisor.
+    let target_client = {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&target.kubeconfig).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap();
+        Client::try_from(config).unwrap()
+    };
+    let target_running = Running::start(&target_client, env.backend.clone(), settings(ns));
+
+    let (clusterctl, source, to, home) = (
+        bed.tools.clusterctl.clone(),
+        bed.kubeconfig.clone(),
+        target.kubeconfig.clone(),
+        bed.test_dir("move-home"),
+    );
+    let moved = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(clusterctl)
+            .arg("move")
+            .arg(format!("--kubeconfig={}", source.display()))
+            .arg(format!("--to-kubeconfig={}", to.display()))
+            .arg(format!("--namespace={ns}"))
+            .env("CLUSTERCTL_DISABLE_VERSIONCHECK", "true")
+            .env("HOME", home)
+            .output()
+            .expect("clusterctl")
+    })
+    .await
+    .unwrap();
+    assert!(
+        moved.status.success(),
+        "clusterctl move: {}{}",
+        String::from_utf8_lossy(&moved.stdout),
+        String::from_utf8_lossy(&moved.stderr)
+    );
+
+    // On the target: a new object (new UID, status rebuilt) that found the same VM.
+    let (_, target_machines) = ours(&target_client, ns);
+    let after = wait_provisioned(&target_machines, "mv-cp").await;
+    assert_ne!(after.uid(), before.uid(), "a new object");
+    assert_eq!(after.spec.provider_id, before.spec.provider_id);
+    assert_eq!(after.spec.domain_uuid, before.spec.domain_uuid);
+    let summary = |m: &LibvirtMachine| {
+        let s = m.status.clone().unwrap_or_default();
+        (s.host, s.failure_domain, s.domain_uuid, s.addresses, s.state)
+    };
+    assert_eq!(summary(&after), summary(&before), "status rebuilt");
+    assert_eq!(
+        domain_ids(&env).await,
+        vms_before,
+        "no VM created, deleted or restarted by the move"
+    );
+    assert!(
+        env.machines.list(&Default::default()).await.unwrap().items.is_empty(),
+        "the source no longer has the machine"
+    );
+
+    // Delete after the move: the target's controllers clean up.
+    capi(&target_client, ns, "Cluster")
+        .delete("mv", &DeleteParams::default())
+        .await
+        .expect("deleting the moved Cluster");
+    eventually("the moved Cluster to be gone", WAIT, || async {
+        capi(&target_client, ns, "Cluster")
+            .get_opt("mv")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let (domains, volumes) = env.inventory().await;
+    assert!(domains.is_empty(), "no domain left: {domains:?}");
+    assert!(volumes.is_empty(), "no volume left: {volumes:?}");
+    let _ = nodes
+        .delete("e2e-move-mv-cp", &DeleteParams::default())
+        .await;
+    target_running.stop().await;
+    env.stop().await;
+    drop(target_capi);
+    drop(target);
 }

@@ -204,6 +204,25 @@ async fn main_job(driver: Driver, manager_flags: &[String], dir: &Path) -> Resul
             println!("Domains on {} (an independent libvirt connection):", libvirtd.uri);
             let host = capl::libvirt::Host::open(&libvirtd.host_uri())?;
             print!("{}", domain_table(&host)?);
+            println!();
+            println!("What each guest printed on its serial console (it booted its disk, read its seed):");
+            for owned in host.list_machines()? {
+                let identity = capl::libvirt::identity::MachineIdentity::new(
+                    &owned.namespace,
+                    &owned.name,
+                    owned.uuid,
+                );
+                let console = host.console_tail(&identity, 64 * 1024)?;
+                let shown: Vec<&str> = console
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| l.starts_with("capl-guest:") || l.contains("echo capl-example"))
+                    .collect();
+                println!("  {}:", owned.name);
+                for line in shown {
+                    println!("    {line}");
+                }
+            }
         }
         (None, Some((backend, _, _))) => {
             println!("Domains on test:///default (the controllers' own connection: the test driver has no other):");
