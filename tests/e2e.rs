@@ -463,7 +463,10 @@ async fn the_examples_come_up_and_deleting_the_cluster_leaves_no_domain_and_no_v
         (list.items.len() == 3 && list.items.iter().all(provisioned)).then_some(list.items)
     })
     .await;
-    assert!(all.iter().any(|m| m.name_any() == "example-control-plane-0"));
+    assert!(
+        all.iter()
+            .any(|m| m.name_any() == "example-control-plane-0")
+    );
     let in_pool = |volumes: Vec<String>| volumes.len();
     let (domains, _) = env.inventory().await;
     assert_eq!(domains.len(), 3);
@@ -513,8 +516,19 @@ async fn the_examples_come_up_and_deleting_the_cluster_leaves_no_domain_and_no_v
     assert!(domains.is_empty(), "no domain left: {domains:?}");
     assert!(left.is_empty(), "no volume left: {left:?}");
     assert!(
-        env.machines.list(&Default::default()).await.unwrap().items.is_empty()
-            && env.clusters.list(&Default::default()).await.unwrap().items.is_empty(),
+        env.machines
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+            && env
+                .clusters
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .is_empty(),
         "no LibvirtMachine or LibvirtCluster left (no stuck finalizer)"
     );
     env.stop().await;
@@ -548,7 +562,8 @@ async fn a_deleted_status_is_rebuilt_identically() {
     let after = eventually("the status to be rebuilt", WAIT, || async {
         let m = env.machines.get("m1").await.ok()?;
         (provisioned(&m)
-            && m.status.as_ref()?.observed_generation == before.status.as_ref()?.observed_generation)
+            && m.status.as_ref()?.observed_generation
+                == before.status.as_ref()?.observed_generation)
             .then_some(m)
     })
     .await;
@@ -678,11 +693,8 @@ async fn a_real_guest_boots_from_its_cloud_config_and_its_lease_becomes_the_mach
     .await;
     println!("provisioned with a lease after {:?}", started.elapsed());
     let uuid = guest.spec.domain_uuid.clone().expect("domainUUID");
-    let identity = capl::libvirt::identity::MachineIdentity::new(
-        ns,
-        "guest",
-        uuid.parse().expect("a UUID"),
-    );
+    let identity =
+        capl::libvirt::identity::MachineIdentity::new(ns, "guest", uuid.parse().expect("a UUID"));
     let addresses = guest
         .status
         .as_ref()
@@ -748,7 +760,10 @@ async fn a_real_guest_boots_from_its_cloud_config_and_its_lease_becomes_the_mach
     let before = libvirt_calls(metrics);
     tokio::time::sleep(Duration::from_secs(7)).await;
     let during = libvirt_calls(metrics);
-    assert_eq!(before, during, "no libvirt call while paused (3 sync periods)");
+    assert_eq!(
+        before, during,
+        "no libvirt call while paused (3 sync periods)"
+    );
     capi(&client, ns, "Cluster")
         .patch(
             "real",
@@ -769,8 +784,17 @@ async fn a_real_guest_boots_from_its_cloud_config_and_its_lease_becomes_the_mach
         .await
         .expect("deleting the Cluster");
     eventually("the Cluster to be gone", WAIT, || async {
-        let gone = capi(&client, ns, "Cluster").get_opt("real").await.ok()?.is_none();
-        let machines_gone = machines.list(&Default::default()).await.ok()?.items.is_empty();
+        let gone = capi(&client, ns, "Cluster")
+            .get_opt("real")
+            .await
+            .ok()?
+            .is_none();
+        let machines_gone = machines
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty();
         (gone && machines_gone).then_some(())
     })
     .await;
@@ -926,17 +950,21 @@ async fn clusterctl_move_keeps_the_vm_rebuilds_the_status_and_delete_cleans_up_a
         )
         .await
         .expect("the Node");
-    eventually("the nodeRef and an initialized control plane", WAIT, || async {
-        let m = capi(&env.client, ns, "Machine").get("mv-cp").await.ok()?;
-        let c = capi(&env.client, ns, "Cluster").get("mv").await.ok()?;
-        let initialized = c
-            .data
-            .pointer("/status/conditions")?
-            .as_array()?
-            .iter()
-            .any(|c| c["type"] == "ControlPlaneInitialized" && c["status"] == "True");
-        (m.data.pointer("/status/nodeRef").is_some() && initialized).then_some(())
-    })
+    eventually(
+        "the nodeRef and an initialized control plane",
+        WAIT,
+        || async {
+            let m = capi(&env.client, ns, "Machine").get("mv-cp").await.ok()?;
+            let c = capi(&env.client, ns, "Cluster").get("mv").await.ok()?;
+            let initialized = c
+                .data
+                .pointer("/status/conditions")?
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "ControlPlaneInitialized" && c["status"] == "True");
+            (m.data.pointer("/status/nodeRef").is_some() && initialized).then_some(())
+        },
+    )
     .await;
     // clusterctl discovers the kinds to move by this label (`clusterctl init` would set it).
     let out = bed.kubectl(&[
@@ -946,7 +974,11 @@ async fn clusterctl_move_keeps_the_vm_rebuilds_the_status_and_delete_cleans_up_a
         "clusterctl.cluster.x-k8s.io=",
         "--overwrite",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let vms_before = domain_ids(&env).await;
     assert_eq!(vms_before.len(), 1);
 
@@ -994,7 +1026,13 @@ async fn clusterctl_move_keeps_the_vm_rebuilds_the_status_and_delete_cleans_up_a
     assert_eq!(after.spec.domain_uuid, before.spec.domain_uuid);
     let summary = |m: &LibvirtMachine| {
         let s = m.status.clone().unwrap_or_default();
-        (s.host, s.failure_domain, s.domain_uuid, s.addresses, s.state)
+        (
+            s.host,
+            s.failure_domain,
+            s.domain_uuid,
+            s.addresses,
+            s.state,
+        )
     };
     assert_eq!(summary(&after), summary(&before), "status rebuilt");
     assert_eq!(
@@ -1003,7 +1041,12 @@ async fn clusterctl_move_keeps_the_vm_rebuilds_the_status_and_delete_cleans_up_a
         "no VM created, deleted or restarted by the move"
     );
     assert!(
-        env.machines.list(&Default::default()).await.unwrap().items.is_empty(),
+        env.machines
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
         "the source no longer has the machine"
     );
 
@@ -1031,4 +1074,94 @@ async fn clusterctl_move_keeps_the_vm_rebuilds_the_status_and_delete_cleans_up_a
     env.stop().await;
     drop(target_capi);
     drop(target);
+}
+
+// ---------------------------------------------------------------- the examples under our webhooks
+
+/// Every object of ours in `deploy/examples/` is allowed by the validating webhook, as written
+/// and with the host URI pointed at the bed (the test driver needs `--allow-test-driver`), and
+/// defaulting changes nothing that validation would then refuse.
+#[test]
+fn the_examples_are_admitted_by_the_webhooks() {
+    use capl::webhook::admission::{AdmissionPolicy, Endpoint, Kind, review};
+    use kube::core::admission::{AdmissionRequest, AdmissionReview};
+    let policy = AdmissionPolicy {
+        uri: capl::libvirt::uri::UriPolicy {
+            allow_test_driver: true,
+        },
+    };
+    let mut checked = Vec::new();
+    for uri in [
+        "qemu:///system",
+        "qemu:///system?socket=/tmp/capl-bed/sock/libvirt-sock",
+        "test:///default",
+    ] {
+        for doc in serde_yaml::Deserializer::from_str(&examples(uri)) {
+            let object: Value = serde::Deserialize::deserialize(doc).expect("YAML");
+            let kind = match object["kind"].as_str().unwrap_or_default() {
+                "LibvirtCluster" => Kind::LibvirtCluster,
+                "LibvirtMachine" => Kind::LibvirtMachine,
+                "LibvirtMachineTemplate" => Kind::LibvirtMachineTemplate,
+                _ => continue,
+            };
+            let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+            for endpoint in [Endpoint::Mutate, Endpoint::Validate] {
+                let review_json = json!({
+                    "apiVersion": "admission.k8s.io/v1",
+                    "kind": "AdmissionReview",
+                    "request": {
+                        "uid": "e2e",
+                        "kind": {"group": "infrastructure.cluster.x-k8s.io", "version": "v1alpha1", "kind": object["kind"]},
+                        "resource": {"group": "infrastructure.cluster.x-k8s.io", "version": "v1alpha1", "resource": "x"},
+                        "name": name,
+                        "namespace": "default",
+                        "operation": "CREATE",
+                        "userInfo": {},
+                        "object": object,
+                        "dryRun": false,
+                    },
+                });
+                let review_in: AdmissionReview<DynamicObject> =
+                    serde_json::from_value(review_json).expect("a review");
+                let request: AdmissionRequest<DynamicObject> =
+                    review_in.try_into().expect("a request");
+                let response = review(kind, endpoint, &request, &policy);
+                let answer = serde_json::to_value(response.into_review()).unwrap();
+                assert_eq!(
+                    answer["response"]["allowed"],
+                    json!(true),
+                    "{name} ({uri}): {answer}"
+                );
+                // Expected warnings: the examples are sized for the tiny test guest on TCG, not
+                // for a Kubernetes node, and the webhooks say so.
+                let expected = [
+                    "software emulation",
+                    "need at least 2 vCPUs",
+                    "a Kubernetes node needs in practice",
+                    "root disk usually needs",
+                    "the test driver keeps virtual machines in memory only",
+                ];
+                let unexpected: Vec<&Value> = answer["response"]["warnings"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|w| {
+                        let w = w.as_str().unwrap_or_default();
+                        !expected.iter().any(|e| w.contains(e))
+                    })
+                    .collect();
+                assert!(
+                    unexpected.is_empty(),
+                    "{name} ({uri}) has warnings: {unexpected:?}"
+                );
+            }
+            checked.push(name);
+        }
+    }
+    checked.sort();
+    checked.dedup();
+    assert_eq!(
+        checked,
+        vec!["example", "example-control-plane-0", "example-workers"]
+    );
 }

@@ -48,7 +48,9 @@ pub fn run(args: &[String]) -> Result<()> {
     if let Some(state) = crate::read_state()?
         && state.processes.iter().all(|(_, pid)| crate::alive(*pid))
     {
-        bail!("a detached test bed is up (its webhooks use port 9443): run `tests/testbed down` first");
+        bail!(
+            "a detached test bed is up (its webhooks use port 9443): run `tests/testbed down` first"
+        );
     }
     let dir = cache_dir()?.join("testbed-run");
     if dir.exists() {
@@ -126,7 +128,9 @@ async fn main_job(driver: Driver, manager_flags: &[String], dir: &Path) -> Resul
             step("starting libvirtd in its own network namespace");
             let started = Libvirtd::start(&dir.join("libvirt"), Lifetime::TestProcess)?;
             let uri = started.uri.clone();
-            step("preparing pool `capl`, isolated network `capl` (10.213.9.0/24, DHCP, no NAT) and the guest image");
+            step(
+                "preparing pool `capl`, isolated network `capl` (10.213.9.0/24, DHCP, no NAT) and the guest image",
+            );
             let host = capl::libvirt::Host::open(&started.host_uri())?;
             guest_host::prepare(&host, "capl", &started.images().join("capl"), "capl0", 9)?;
             libvirtd = Some(started);
@@ -141,14 +145,16 @@ async fn main_job(driver: Driver, manager_flags: &[String], dir: &Path) -> Resul
             step("preparing pool `capl`, network `capl` and the image volume on test:///default");
             let backend = Arc::new(capl::libvirt::live::LibvirtBackend::new(4)?);
             prepare_test_driver(&backend).await?;
-            step("running the controllers and webhooks in this process (the test driver's state lives in one process)");
+            step(
+                "running the controllers and webhooks in this process (the test driver's state lives in one process)",
+            );
             let client = kube_client(&plane.kubeconfig).await?;
             let policy = capl::libvirt::uri::UriPolicy {
                 allow_test_driver: true,
             };
-            let certs = capl::webhook::tls::CertStore::load(capl::webhook::tls::CertFiles::in_dir(
-                &cert_dir, "tls.crt", "tls.key",
-            ))?;
+            let certs = capl::webhook::tls::CertStore::load(
+                capl::webhook::tls::CertFiles::in_dir(&cert_dir, "tls.crt", "tls.key"),
+            )?;
             let webhooks = tokio::spawn(capl::webhook::server::serve(
                 "127.0.0.1:9443".parse()?,
                 certs,
@@ -171,10 +177,7 @@ async fn main_job(driver: Driver, manager_flags: &[String], dir: &Path) -> Resul
     };
 
     step("applying deploy/examples/ (the host URI pointed at this bed)");
-    let out = plane.kubectl_stdin(
-        &["apply", "-n", NAMESPACE, "-f", "-"],
-        &examples(&uri)?,
-    )?;
+    let out = plane.kubectl_stdin(&["apply", "-n", NAMESPACE, "-f", "-"], &examples(&uri)?)?;
     if !out.status.success() {
         bail!(
             "applying the examples: {}",
@@ -201,11 +204,16 @@ async fn main_job(driver: Driver, manager_flags: &[String], dir: &Path) -> Resul
     println!();
     match (&libvirtd, &in_process) {
         (Some(libvirtd), _) => {
-            println!("Domains on {} (an independent libvirt connection):", libvirtd.uri);
+            println!(
+                "Domains on {} (an independent libvirt connection):",
+                libvirtd.uri
+            );
             let host = capl::libvirt::Host::open(&libvirtd.host_uri())?;
             print!("{}", domain_table(&host)?);
             println!();
-            println!("What each guest printed on its serial console (it booted its disk, read its seed):");
+            println!(
+                "What each guest printed on its serial console (it booted its disk, read its seed):"
+            );
             for owned in host.list_machines()? {
                 let identity = capl::libvirt::identity::MachineIdentity::new(
                     &owned.namespace,
@@ -225,7 +233,9 @@ async fn main_job(driver: Driver, manager_flags: &[String], dir: &Path) -> Resul
             }
         }
         (None, Some((backend, _, _))) => {
-            println!("Domains on test:///default (the controllers' own connection: the test driver has no other):");
+            println!(
+                "Domains on test:///default (the controllers' own connection: the test driver has no other):"
+            );
             let table = backend
                 .hosts()
                 .run(&crate::support::host_uri("test:///default"), |host| {
@@ -248,7 +258,10 @@ async fn main_job(driver: Driver, manager_flags: &[String], dir: &Path) -> Resul
         println!("Not every machine was provisioned in {PROVISION_TIMEOUT:?}: see the conditions:");
         println!("  kubectl get libvirtmachines -n {NAMESPACE} -o yaml");
     }
-    println!("Up in {:.0?}. Explore it from another shell:", started.elapsed());
+    println!(
+        "Up in {:.0?}. Explore it from another shell:",
+        started.elapsed()
+    );
     println!("  export KUBECONFIG={}", plane.kubeconfig.display());
     println!("  kubectl get cluster,machines,libvirtclusters,libvirtmachines -n {NAMESPACE}");
     println!("  kubectl scale machinedeployment example-workers -n {NAMESPACE} --replicas=3");
@@ -316,7 +329,12 @@ fn start_manager(
         .arg("--metrics-bind-address=127.0.0.1:8080")
         .arg(format!("--namespace={NAMESPACE}"))
         .args(flags);
-    let mut proc = Proc::spawn("manager", cmd, &dir.join("manager.log"), Lifetime::TestProcess)?;
+    let mut proc = Proc::spawn(
+        "manager",
+        cmd,
+        &dir.join("manager.log"),
+        Lifetime::TestProcess,
+    )?;
     poll(
         "the manager's /readyz",
         Duration::from_secs(30),
@@ -440,7 +458,10 @@ fn domain_table(host: &capl::libvirt::Host) -> Result<String> {
             true => "running",
             false => "shut off",
         };
-        table.push_str(&format!("{name:<48} {state:<10} {}\n", domain.uuid_string()?));
+        table.push_str(&format!(
+            "{name:<48} {state:<10} {}\n",
+            domain.uuid_string()?
+        ));
     }
     Ok(table)
 }
