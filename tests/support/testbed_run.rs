@@ -320,13 +320,14 @@ fn start_manager(
         .map(PathBuf::from)
         .context("CAPL_MANAGER_BIN is not set (run through tests/testbed)")?;
     let health = free_port()?;
+    let metrics = free_port()?;
     let mut cmd = Command::new(binary);
     cmd.arg(format!("--kubeconfig={}", plane.kubeconfig.display()))
         .arg(format!("--libvirt-uri={uri}"))
         .arg("--webhook-host=127.0.0.1")
         .arg(format!("--webhook-cert-dir={}", cert_dir.display()))
         .arg(format!("--health-probe-bind-address=127.0.0.1:{health}"))
-        .arg("--metrics-bind-address=127.0.0.1:8080")
+        .arg(format!("--metrics-bind-address=127.0.0.1:{metrics}"))
         .arg(format!("--namespace={NAMESPACE}"))
         .args(flags);
     let mut proc = Proc::spawn(
@@ -345,7 +346,7 @@ fn start_manager(
         },
     )?;
     eprintln!(
-        "    manager ready: metrics on http://127.0.0.1:8080/metrics, log in {}",
+        "    manager ready: metrics on http://127.0.0.1:{metrics}/metrics, log in {}",
         proc.log().display()
     );
     Ok(proc)
