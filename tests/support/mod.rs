@@ -9,6 +9,7 @@ pub mod apiserver;
 pub mod capi;
 pub mod capi_objects;
 pub mod certs;
+pub mod guest_host;
 pub mod libvirtd;
 pub mod process;
 pub mod tools;

@@ -1,7 +1,8 @@
-//! The test bed's shell face, for the development flow (`tests/testbed up|env|down|versions`).
+//! The test bed's shell face, for the development flow (`tests/testbed up|env|down|versions|run`).
 //!
 //! `up` starts the same launcher the tests use, detached, with its state under the cache dir;
 //! `env` prints what a shell needs (`eval "$(tests/testbed env)"`); `down` stops everything.
+//! `run` is the main job: see [`run`].
 
 #[path = "mod.rs"]
 mod support;
@@ -19,6 +20,9 @@ use support::libvirtd::{self, Libvirtd};
 use support::process::{self, Lifetime};
 use support::tools::{self, Tools};
 
+#[path = "testbed_run.rs"]
+mod run;
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
     kubeconfig: PathBuf,
@@ -31,11 +35,11 @@ struct State {
     webhook_cert_dir: Option<PathBuf>,
 }
 
-fn state_dir() -> Result<PathBuf> {
+pub(crate) fn state_dir() -> Result<PathBuf> {
     Ok(tools::cache_dir()?.join("testbed"))
 }
 
-fn read_state() -> Result<Option<State>> {
+pub(crate) fn read_state() -> Result<Option<State>> {
     let path = state_dir()?.join("state.json");
     match std::fs::read(&path) {
         Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
@@ -67,6 +71,7 @@ fn main() -> Result<()> {
         Some("env") => env(),
         Some("down") => down(),
         Some("versions") => versions(),
+        Some("run") => run::run(&args[1..]),
         _ => usage(),
     }
 }
@@ -115,7 +120,7 @@ fn up(flags: &[String]) -> Result<()> {
 
 /// Installs this provider's CRDs and webhook configurations (pointed at a manager on
 /// 127.0.0.1:9443) and writes that manager's serving certificate; returns the cert dir.
-fn install_provider(plane: &ControlPlane, dir: &std::path::Path) -> Result<PathBuf> {
+pub(crate) fn install_provider(plane: &ControlPlane, dir: &std::path::Path) -> Result<PathBuf> {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     plane.kubectl_ok(&[
         "apply",
@@ -176,7 +181,7 @@ fn down() -> Result<()> {
     Ok(())
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     libc::pid_t::try_from(pid).is_ok_and(process::pid_alive)
 }
 

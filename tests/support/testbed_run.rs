@@ -1,0 +1,468 @@
+//! `tests/testbed run`: the main job, in the foreground.
+//!
+//! 1. etcd + kube-apiserver, the real Cluster API core manager, this provider's CRDs and webhook
+//!    configurations;
+//! 2. a libvirt host: by default the bed's real libvirtd + QEMU in its own network namespace,
+//!    with a storage pool `capl`, an isolated network `capl` (DHCP, no NAT) and the bootable test
+//!    guest as volume `capl/capl-test-guest.img`; with `--driver test`, libvirt's in-process test
+//!    driver;
+//! 3. the manager (with `--driver test`: the controllers and webhooks inside this process,
+//!    because the test driver's state lives in one process and the guest image volume must be
+//!    put there);
+//! 4. `deploy/examples/` applied (the host URI pointed at that host), then the Machines and the
+//!    domains libvirt holds, until Ctrl-C tears everything down.
+//!
+//! Every process dies with this one (they are started with `PR_SET_PDEATHSIG`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::support::apiserver::{ControlPlane, free_port};
+use crate::support::capi::{CapiCore, http_ok};
+use crate::support::guest_host;
+use crate::support::libvirtd::Libvirtd;
+use crate::support::process::{Lifetime, Proc, poll};
+use crate::support::tools::{Tools, cache_dir};
+
+/// Which libvirt the examples' host is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Driver {
+    /// The bed's libvirtd + QEMU: real guests boot.
+    Qemu,
+    /// `test:///default` in this process: nothing boots.
+    Test,
+}
+
+/// Namespace the examples are applied in.
+const NAMESPACE: &str = "default";
+/// How long the machines get to be provisioned.
+const PROVISION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs the main job until Ctrl-C.
+pub fn run(args: &[String]) -> Result<()> {
+    let (driver, manager_flags) = parse(args)?;
+    if let Some(state) = crate::read_state()?
+        && state.processes.iter().all(|(_, pid)| crate::alive(*pid))
+    {
+        bail!(
+            "a detached test bed is up (its webhooks use port 9443): run `tests/testbed down` first"
+        );
+    }
+    let dir = cache_dir()?.join("testbed-run");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(main_job(driver, &manager_flags, &dir));
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("logs are kept in {}", dir.display());
+    }
+    result
+}
+
+fn parse(args: &[String]) -> Result<(Driver, Vec<String>)> {
+    let mut driver = Driver::Qemu;
+    let mut rest = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let value = match arg.as_str() {
+            "--driver" => args.next().map(String::as_str),
+            other => match other.strip_prefix("--driver=") {
+                Some(value) => Some(value),
+                None => {
+                    rest.push(arg.clone());
+                    continue;
+                }
+            },
+        };
+        driver = match value {
+            Some("qemu") => Driver::Qemu,
+            Some("test") => Driver::Test,
+            other => bail!("--driver takes qemu or test, not {other:?}"),
+        };
+    }
+    Ok((driver, rest))
+}
+
+fn step(text: &str) {
+    eprintln!("==> {text}");
+}
+
+async fn main_job(driver: Driver, manager_flags: &[String], dir: &Path) -> Result<()> {
+    let started = Instant::now();
+    let tools = Tools::locate()?;
+    step("starting etcd + kube-apiserver");
+    let plane = ControlPlane::start(&tools, &dir.join("control-plane"), Lifetime::TestProcess)?;
+    step("starting the Cluster API core manager (its CRDs and webhooks installed)");
+    let capi = CapiCore::start(&tools, &plane, &dir.join("capi"), Lifetime::TestProcess)?;
+    step("installing this provider's CRDs and webhook configurations");
+    let cert_dir = crate::install_provider(&plane, dir)?;
+    plane.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "-l",
+        "cluster.x-k8s.io/provider=infrastructure-libvirt",
+    ])?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut stop = stop_rx.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    };
+    let mut libvirtd = None;
+    let mut manager = None;
+    let mut in_process = None;
+    let uri = match driver {
+        Driver::Qemu => {
+            step("starting libvirtd in its own network namespace");
+            let started = Libvirtd::start(&dir.join("libvirt"), Lifetime::TestProcess)?;
+            let uri = started.uri.clone();
+            step(
+                "preparing pool `capl`, isolated network `capl` (10.213.9.0/24, DHCP, no NAT) and the guest image",
+            );
+            let host = capl::libvirt::Host::open(&started.host_uri())?;
+            guest_host::prepare(&host, "capl", &started.images().join("capl"), "capl0", 9)?;
+            libvirtd = Some(started);
+            step("starting the manager");
+            manager = Some(start_manager(&plane, &uri, &cert_dir, manager_flags, dir)?);
+            uri
+        }
+        Driver::Test => {
+            if !manager_flags.is_empty() {
+                bail!("--driver test runs no manager process: manager flags are not taken");
+            }
+            step("preparing pool `capl`, network `capl` and the image volume on test:///default");
+            let backend = Arc::new(capl::libvirt::live::LibvirtBackend::new(4)?);
+            prepare_test_driver(&backend).await?;
+            step(
+                "running the controllers and webhooks in this process (the test driver's state lives in one process)",
+            );
+            let client = kube_client(&plane.kubeconfig).await?;
+            let policy = capl::libvirt::uri::UriPolicy {
+                allow_test_driver: true,
+            };
+            let certs = capl::webhook::tls::CertStore::load(
+                capl::webhook::tls::CertFiles::in_dir(&cert_dir, "tls.crt", "tls.key"),
+            )?;
+            let webhooks = tokio::spawn(capl::webhook::server::serve(
+                "127.0.0.1:9443".parse()?,
+                certs,
+                capl::webhook::admission::AdmissionPolicy { uri: policy },
+                stopped(),
+            ));
+            let controllers = tokio::spawn(capl::controller::run(
+                client,
+                backend.clone(),
+                capl::controller::Settings {
+                    uri_policy: policy,
+                    namespace: Some(NAMESPACE.into()),
+                    ..Default::default()
+                },
+                stopped(),
+            ));
+            in_process = Some((backend, webhooks, controllers));
+            "test:///default".to_owned()
+        }
+    };
+
+    step("applying deploy/examples/ (the host URI pointed at this bed)");
+    let out = plane.kubectl_stdin(&["apply", "-n", NAMESPACE, "-f", "-"], &examples(&uri)?)?;
+    if !out.status.success() {
+        bail!(
+            "applying the examples: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprint!("{}", String::from_utf8_lossy(&out.stdout));
+    step("waiting for the machines (Cluster API phase of each)");
+    let provisioned = wait_provisioned(&plane).await?;
+
+    println!();
+    println!("Machines (Cluster API):");
+    print!(
+        "{}",
+        plane.kubectl_ok(&[
+            "get",
+            "machines",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "custom-columns=NAME:.metadata.name,PHASE:.status.phase,PROVIDERID:.spec.providerID,ADDRESSES:.status.addresses[*].address",
+        ])?
+    );
+    println!();
+    match (&libvirtd, &in_process) {
+        (Some(libvirtd), _) => {
+            println!(
+                "Domains on {} (an independent libvirt connection):",
+                libvirtd.uri
+            );
+            let host = capl::libvirt::Host::open(&libvirtd.host_uri())?;
+            print!("{}", domain_table(&host)?);
+            println!();
+            println!(
+                "What each guest printed on its serial console (it booted its disk, read its seed):"
+            );
+            for owned in host.list_machines()? {
+                let identity = capl::libvirt::identity::MachineIdentity::new(
+                    &owned.namespace,
+                    &owned.name,
+                    owned.uuid,
+                );
+                let console = host.console_tail(&identity, 64 * 1024)?;
+                let shown: Vec<&str> = console
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| l.starts_with("capl-guest:") || l.contains("echo capl-example"))
+                    .collect();
+                println!("  {}:", owned.name);
+                for line in shown {
+                    println!("    {line}");
+                }
+            }
+        }
+        (None, Some((backend, _, _))) => {
+            println!(
+                "Domains on test:///default (the controllers' own connection: the test driver has no other):"
+            );
+            let table = backend
+                .hosts()
+                .run(&crate::support::host_uri("test:///default"), |host| {
+                    Ok(domain_table(host).map_err(|e| format!("{e:#}")))
+                })
+                .await?
+                .map_err(anyhow::Error::msg)?;
+            print!("{table}");
+            println!();
+            println!("With the test driver, some steps cannot happen and none is pretended:");
+            println!("  - no guest boots: the domains are records in the test driver's memory;");
+            println!("  - no bootstrap seed is read: the seed volume exists, no guest reads it;");
+            println!("  - no DHCP lease: the addresses above are the test driver's made-up ones;");
+            println!("  - volumes hold no content: the guest image volume is an empty stand-in.");
+        }
+        _ => {}
+    }
+    println!();
+    if !provisioned {
+        println!("Not every machine was provisioned in {PROVISION_TIMEOUT:?}: see the conditions:");
+        println!("  kubectl get libvirtmachines -n {NAMESPACE} -o yaml");
+    }
+    println!(
+        "Up in {:.0?}. Explore it from another shell:",
+        started.elapsed()
+    );
+    println!("  export KUBECONFIG={}", plane.kubeconfig.display());
+    println!("  kubectl get cluster,machines,libvirtclusters,libvirtmachines -n {NAMESPACE}");
+    println!("  kubectl scale machinedeployment example-workers -n {NAMESPACE} --replicas=3");
+    if let Some(libvirtd) = &libvirtd {
+        println!("  virsh -c '{}' list --all", libvirtd.uri);
+        println!(
+            "  virsh -c '{}' console <domain>   (the guest's serial console; Ctrl-] leaves)",
+            libvirtd.uri
+        );
+    }
+    if let Some(manager) = &manager {
+        println!("  manager log: {}", manager.log().display());
+    }
+    println!("  Cluster API log: {}", capi.log().display());
+    println!("Ctrl-C tears everything down.");
+
+    wait_for_signal().await;
+    step("tearing down");
+    let _ = stop_tx.send(true);
+    if let Some((_, webhooks, controllers)) = in_process {
+        let _ = tokio::time::timeout(Duration::from_secs(10), controllers).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), webhooks).await;
+    }
+    if let Some(mut manager) = manager {
+        manager.stop(Duration::from_secs(10));
+    }
+    // The namespace goes with libvirtd: its guests, dnsmasq and bridge with it.
+    drop(libvirtd);
+    drop(capi);
+    drop(plane);
+    step("the bed is down");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(term) => { term.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
+
+fn start_manager(
+    plane: &ControlPlane,
+    uri: &str,
+    cert_dir: &Path,
+    flags: &[String],
+    dir: &Path,
+) -> Result<Proc> {
+    let binary = std::env::var_os("CAPL_MANAGER_BIN")
+        .map(PathBuf::from)
+        .context("CAPL_MANAGER_BIN is not set (run through tests/testbed)")?;
+    let health = free_port()?;
+    let metrics = free_port()?;
+    let mut cmd = Command::new(binary);
+    cmd.arg(format!("--kubeconfig={}", plane.kubeconfig.display()))
+        .arg(format!("--libvirt-uri={uri}"))
+        .arg("--webhook-host=127.0.0.1")
+        .arg(format!("--webhook-cert-dir={}", cert_dir.display()))
+        .arg(format!("--health-probe-bind-address=127.0.0.1:{health}"))
+        .arg(format!("--metrics-bind-address=127.0.0.1:{metrics}"))
+        .arg(format!("--namespace={NAMESPACE}"))
+        .args(flags);
+    let mut proc = Proc::spawn(
+        "manager",
+        cmd,
+        &dir.join("manager.log"),
+        Lifetime::TestProcess,
+    )?;
+    poll(
+        "the manager's /readyz",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            proc.check_running()?;
+            Ok(http_ok(health, "/readyz").then_some(()))
+        },
+    )?;
+    eprintln!(
+        "    manager ready: metrics on http://127.0.0.1:{metrics}/metrics, log in {}",
+        proc.log().display()
+    );
+    Ok(proc)
+}
+
+async fn kube_client(kubeconfig: &Path) -> Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The examples' pool, network and image volume on `test:///default`, through the backend's own
+/// connection.
+async fn prepare_test_driver(backend: &capl::libvirt::live::LibvirtBackend) -> Result<()> {
+    let image = capl::libvirt::xml::VolumePlan {
+        name: guest_host::GUEST_VOLUME.into(),
+        capacity_gib: 1,
+        format: "raw".into(),
+        backing: None,
+    }
+    .to_xml()?;
+    backend
+        .hosts()
+        .run(&crate::support::host_uri("test:///default"), move |host| {
+            let conn = host.connection();
+            let made: Result<(), String> = (|| {
+                if conn.lookup_storage_pool_by_name("capl").is_err() {
+                    let pool = conn
+                        .define_storage_pool_xml(
+                            "<pool type='dir'><name>capl</name><target><path>/capl</path></target></pool>",
+                            0,
+                        )
+                        .map_err(|e| e.to_string())?;
+                    pool.create(0).map_err(|e| e.to_string())?;
+                }
+                if conn.lookup_network_by_name("capl").is_err() {
+                    let net = conn
+                        .define_network_xml(
+                            "<network><name>capl</name><bridge name='capl0'/>\
+                             <ip address='10.213.9.1' netmask='255.255.255.0'/></network>",
+                        )
+                        .map_err(|e| e.to_string())?;
+                    net.create().map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            })();
+            host.ensure_volume("capl", guest_host::GUEST_VOLUME, &image)?;
+            Ok(made)
+        })
+        .await?
+        .map_err(anyhow::Error::msg)
+}
+
+/// `deploy/examples/*.yaml` as one stream, the host URI replaced by `uri`.
+fn examples(uri: &str) -> Result<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples");
+    let mut docs = Vec::new();
+    for file in ["cluster.yaml", "control-plane.yaml", "workers.yaml"] {
+        docs.push(
+            std::fs::read_to_string(dir.join(file))
+                .with_context(|| format!("reading deploy/examples/{file}"))?,
+        );
+    }
+    Ok(docs
+        .join("\n---\n")
+        .replace("uri: qemu:///system", &format!("uri: \"{uri}\"")))
+}
+
+/// Prints the machines' phases as they change; true once all three are Provisioned or Running
+/// with addresses, false after [`PROVISION_TIMEOUT`].
+async fn wait_provisioned(plane: &ControlPlane) -> Result<bool> {
+    let deadline = Instant::now() + PROVISION_TIMEOUT;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let now = plane.kubectl_ok(&[
+            "get",
+            "machines",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.status.phase}/{.status.addresses[0].address} {end}",
+        ])?;
+        if now != last {
+            eprintln!("    {now}");
+            last = now.clone();
+        }
+        let machines: Vec<&str> = now.split_whitespace().collect();
+        let done = machines.len() == 3
+            && machines.iter().all(|m| {
+                let (phase, address) = m
+                    .split_once('=')
+                    .and_then(|(_, rest)| rest.split_once('/'))
+                    .unwrap_or_default();
+                matches!(phase, "Provisioned" | "Running") && !address.is_empty()
+            });
+        if done {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(false)
+}
+
+/// NAME / STATE / UUID of every domain on `host`.
+fn domain_table(host: &capl::libvirt::Host) -> Result<String> {
+    let mut table = format!("{:<48} {:<10} {}\n", "NAME", "STATE", "UUID");
+    for domain in host.connection().list_all_domains(0)? {
+        let name = domain.name()?;
+        let state = match domain.is_active()? {
+            true => "running",
+            false => "shut off",
+        };
+        table.push_str(&format!(
+            "{name:<48} {state:<10} {}\n",
+            domain.uuid_string()?
+        ));
+    }
+    Ok(table)
+}
