@@ -159,6 +159,11 @@ pub struct RunArgs {
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, global = true)]
     pub sync_period: Duration,
 
+    /// How long a guest gets to shut down cleanly (ACPI) when its LibvirtMachine is deleted,
+    /// before it is powered off.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    pub guest_shutdown_timeout: Duration,
+
     /// Log format: `text` (human readable) or `json` (one JSON object per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -200,6 +205,8 @@ pub struct ControllerSettings {
     pub watch_filter: Option<String>,
     /// Which host URIs the backend accepts (`--allow-test-driver`).
     pub uri_policy: crate::libvirt::uri::UriPolicy,
+    /// How long a guest gets to shut down on delete (`--guest-shutdown-timeout`).
+    pub guest_shutdown_timeout: Duration,
 }
 
 impl ControllerSettings {
@@ -244,6 +251,7 @@ impl RunArgs {
             namespace: non_empty(&self.namespace),
             watch_filter: non_empty(&self.watch_filter),
             uri_policy: self.uri_policy(),
+            guest_shutdown_timeout: self.guest_shutdown_timeout,
         }
     }
 

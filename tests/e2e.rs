@@ -633,6 +633,8 @@ async fn a_real_guest_boots_from_its_cloud_config_and_its_lease_becomes_the_mach
             "--webhook-port=0".into(),
             format!("--namespace={ns}"),
             "--sync-period=2s".into(),
+            // The busybox guest ignores ACPI: delete powers it off after this.
+            "--guest-shutdown-timeout=3s".into(),
             format!("--metrics-bind-address=127.0.0.1:{metrics}"),
         ],
     );

@@ -119,7 +119,8 @@ impl Default for Settings {
 impl Settings {
     /// The settings the manager's command line asks for (`--allow-test-driver`, `--namespace`,
     /// `--watch-filter`, `--sync-period`, `--libvirtmachine-concurrency`,
-    /// `--libvirtcluster-concurrency`); everything else keeps its default.
+    /// `--libvirtcluster-concurrency`, `--guest-shutdown-timeout`); everything else keeps its
+    /// default.
     pub fn from_manager(settings: &crate::config::ControllerSettings) -> Self {
         Self {
             uri_policy: settings.uri_policy,
@@ -128,6 +129,7 @@ impl Settings {
             concurrency: settings.machine_concurrency,
             cluster_concurrency: settings.cluster_concurrency,
             resync: settings.sync_period,
+            shutdown_grace: settings.guest_shutdown_timeout,
             ..Self::default()
         }
     }
@@ -711,6 +713,7 @@ mod tests {
                 "manager",
                 "--libvirtmachine-concurrency=7",
                 "--libvirtcluster-concurrency=2",
+                "--guest-shutdown-timeout=5s",
             ])
             .run
             .controller_settings(),
@@ -719,6 +722,7 @@ mod tests {
             (concurrency.concurrency, concurrency.cluster_concurrency),
             (7, 2)
         );
+        assert_eq!(concurrency.shutdown_grace, Duration::from_secs(5));
         let defaults = Settings::from_manager(
             &crate::config::Cli::parse_from(["manager"])
                 .run
