@@ -164,6 +164,11 @@ pub struct RunArgs {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, global = true)]
     pub guest_shutdown_timeout: Duration,
 
+    /// How long a running guest may go without an address before the tail of its serial console
+    /// (redacted) is shown in its `AddressesKnown` condition and an Event.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, global = true)]
+    pub guest_address_timeout: Duration,
+
     /// Log format: `text` (human readable) or `json` (one JSON object per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -207,6 +212,9 @@ pub struct ControllerSettings {
     pub uri_policy: crate::libvirt::uri::UriPolicy,
     /// How long a guest gets to shut down on delete (`--guest-shutdown-timeout`).
     pub guest_shutdown_timeout: Duration,
+    /// How long a guest may go without an address before its console is shown
+    /// (`--guest-address-timeout`).
+    pub guest_address_timeout: Duration,
 }
 
 impl ControllerSettings {
@@ -252,6 +260,7 @@ impl RunArgs {
             watch_filter: non_empty(&self.watch_filter),
             uri_policy: self.uri_policy(),
             guest_shutdown_timeout: self.guest_shutdown_timeout,
+            guest_address_timeout: self.guest_address_timeout,
         }
     }
 

@@ -812,6 +812,170 @@ async fn a_real_guest_boots_from_its_cloud_config_and_its_lease_becomes_the_mach
     );
 }
 
+/// A real guest on a network without DHCP never reports an address: after
+/// `--guest-address-timeout` its `AddressesKnown` condition and a Warning Event show the tail of
+/// its serial console (what it printed, read back through libvirt), with the bootstrap data
+/// redacted. The machine stays provisioned.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_without_an_address_shows_its_console_tail_redacted() {
+    let ns = "e2e-quiet";
+    let bed = support::shared();
+    bed.capi();
+    let (uri, pool_dir) = {
+        let libvirtd = bed.libvirtd();
+        let libvirtd = libvirtd.as_ref().expect("libvirtd");
+        (libvirtd.uri.clone(), libvirtd.images().join("capl-quiet"))
+    };
+    let host = capl::libvirt::Host::open(&support::host_uri(&uri)).expect("an own connection");
+    let prepared = support::guest_host::prepare(&host, "capl-quiet", &pool_dir, "caplq0", 12)
+        .expect("pool and guest image");
+    // An isolated network without DHCP: the guest asks, nobody answers.
+    let conn = host.connection();
+    let silent = "capl-silent";
+    let network = match conn.lookup_network_by_name(silent) {
+        Ok(network) => network,
+        Err(_) => conn
+            .define_network_xml(&format!(
+                "<network><name>{silent}</name><bridge name='caplsil0'/>\
+                 <ip address='10.213.13.1' netmask='255.255.255.0'/></network>"
+            ))
+            .expect("defining the network"),
+    };
+    if !network.is_active().unwrap_or(false) {
+        network.create().expect("starting the network");
+    }
+    let client = bed.client().await;
+    namespace(&client, ns).await;
+    let (_manager, _) = bed.start_manager(
+        ns,
+        env!("CARGO_BIN_EXE_manager"),
+        &[
+            format!("--libvirt-uri={uri}"),
+            "--webhook-port=0".into(),
+            format!("--namespace={ns}"),
+            "--sync-period=2s".into(),
+            "--guest-shutdown-timeout=3s".into(),
+            "--guest-address-timeout=10s".into(),
+        ],
+    );
+    let (clusters, machines) = ours(&client, ns);
+    capi(&client, ns, "Cluster")
+        .create(&PostParams::default(), &cluster("quiet"))
+        .await
+        .expect("creating the Cluster");
+    clusters
+        .create(
+            &PostParams::default(),
+            &libvirt_cluster_on(
+                "quiet",
+                json!([{"name": "hv1", "uri": uri, "domainType": "qemu"}]),
+                &prepared.pool,
+                silent,
+            ),
+        )
+        .await
+        .expect("creating the LibvirtCluster");
+    let marker = "capl-e2e-secret-marker-0f3a9c";
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &cloud_config_secret(
+                "guest-bootstrap",
+                &format!("#cloud-config\nruncmd:\n  - echo {marker}\n"),
+            ),
+        )
+        .await
+        .expect("creating the bootstrap Secret");
+    machines
+        .create(
+            &PostParams::default(),
+            &libvirt_machine_on(
+                "quiet",
+                "guest",
+                &prepared.pool,
+                support::guest_host::GUEST_VOLUME,
+            ),
+        )
+        .await
+        .expect("creating the LibvirtMachine");
+    capi(&client, ns, "Machine")
+        .create(&PostParams::default(), &machine("quiet", "guest"))
+        .await
+        .expect("creating the Machine");
+
+    let message = eventually(
+        "NoAddressTimeout with the console tail",
+        Duration::from_secs(240),
+        || async {
+            let m = machines.get("guest").await.ok()?;
+            let c = m
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "AddressesKnown")?
+                .clone();
+            (c.status == "False"
+                && c.reason == "NoAddressTimeout"
+                && c.message.contains("serial console tail:")
+                && (c.message.contains("udhcpc") || c.message.contains("capl-guest")))
+            .then_some(c.message)
+        },
+    )
+    .await;
+    assert!(!message.contains(marker), "{message}");
+    assert!(message.chars().count() <= 600, "bounded: {message}");
+    let m = machines.get("guest").await.expect("the machine");
+    assert!(provisioned_only(&m), "still provisioned: {:?}", m.status);
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), ns);
+    let warned = eventually("a Warning Event", WAIT, || async {
+        events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("NoAddressTimeout"))
+    })
+    .await;
+    assert_eq!(warned.type_.as_deref(), Some("Warning"));
+    let note = warned.message.unwrap_or_default();
+    assert!(
+        note.contains("serial console tail:") && !note.contains(marker),
+        "{note}"
+    );
+
+    capi(&client, ns, "Cluster")
+        .delete("quiet", &DeleteParams::default())
+        .await
+        .expect("deleting the Cluster");
+    eventually("the machines to be gone", WAIT, || async {
+        machines
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        support::guest_host::domains(&host).unwrap(),
+        Vec::<String>::new()
+    );
+}
+
+/// Provisioned (with a providerID), whatever its addresses.
+fn provisioned_only(m: &LibvirtMachine) -> bool {
+    m.spec.provider_id.is_some()
+        && m.status
+            .as_ref()
+            .and_then(|s| s.initialization.as_ref())
+            .and_then(|i| i.provisioned)
+            == Some(true)
+}
+
 // ---------------------------------------------------------------- clusterctl move
 
 /// `(name, uuid, id)` of this namespace's domains on the test driver: a re-created or restarted

@@ -119,8 +119,8 @@ impl Default for Settings {
 impl Settings {
     /// The settings the manager's command line asks for (`--allow-test-driver`, `--namespace`,
     /// `--watch-filter`, `--sync-period`, `--libvirtmachine-concurrency`,
-    /// `--libvirtcluster-concurrency`, `--guest-shutdown-timeout`); everything else keeps its
-    /// default.
+    /// `--libvirtcluster-concurrency`, `--guest-shutdown-timeout`, `--guest-address-timeout`);
+    /// everything else keeps its default.
     pub fn from_manager(settings: &crate::config::ControllerSettings) -> Self {
         Self {
             uri_policy: settings.uri_policy,
@@ -130,6 +130,7 @@ impl Settings {
             cluster_concurrency: settings.cluster_concurrency,
             resync: settings.sync_period,
             shutdown_grace: settings.guest_shutdown_timeout,
+            address_timeout: settings.guest_address_timeout,
             ..Self::default()
         }
     }
@@ -714,6 +715,7 @@ mod tests {
                 "--libvirtmachine-concurrency=7",
                 "--libvirtcluster-concurrency=2",
                 "--guest-shutdown-timeout=5s",
+                "--guest-address-timeout=20s",
             ])
             .run
             .controller_settings(),
@@ -723,6 +725,7 @@ mod tests {
             (7, 2)
         );
         assert_eq!(concurrency.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(concurrency.address_timeout, Duration::from_secs(20));
         let defaults = Settings::from_manager(
             &crate::config::Cli::parse_from(["manager"])
                 .run
