@@ -55,7 +55,7 @@ const IN_FLIGHT: usize = 64;
 const MANAGER_FLAGS: &[&str] = &[
     "--kube-api-qps=1000",
     "--kube-api-burst=1000",
-    "--libvirtmachine-concurrency=32",
+    "--libvirtmachine-concurrency=10",
 ];
 /// How long the machines may take before the bench gives up (and shows the stragglers).
 const WAIT: Duration = Duration::from_secs(180);
@@ -66,6 +66,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--manager-child") {
         manager_child(&args[2..]);
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("--test-driver-state") {
+        test_driver_state(args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1000));
         return;
     }
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it.
@@ -129,6 +133,81 @@ fn manager_child(args: &[String]) {
         std::process::exit(1);
     }
     drop(host);
+}
+
+/// The test driver's share of the manager's memory: this process's RSS growth while the
+/// provider's own provisioning code makes `n` machines (root volume, domain) on the in-process
+/// test driver, one after the other. Prints the KiB.
+fn test_driver_state(n: usize) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let uri = support::host_uri("test:///default");
+        let hosts = Arc::new(capl::libvirt::hosts::Hosts::new(4));
+        let images = capl::libvirt::image::ImageCache::new(hosts.clone()).expect("image cache");
+        hosts
+            .run(&uri, |host| {
+                let base = capl::libvirt::xml::VolumePlan {
+                    name: BASE.into(),
+                    capacity_gib: 1,
+                    format: "qcow2".into(),
+                    backing: None,
+                }
+                .to_xml()
+                .map_err(|e| capl::libvirt::Error::Xml(e.to_string()))?;
+                host.ensure_volume(POOL, BASE, &base)?;
+                for k in 0..POOLS {
+                    let xml = format!(
+                        "<pool type='dir'><name>{}</name><target><path>/{}</path></target></pool>",
+                        pool_name(k),
+                        pool_name(k)
+                    );
+                    host.connection()
+                        .create_storage_pool_xml(&xml, 0)
+                        .map_err(|e| capl::libvirt::Error::Xml(format!("a pool: {e}")))?;
+                }
+                Ok(())
+            })
+            .await
+            .expect("pools");
+        let before = status_kib(std::process::id(), "VmRSS:");
+        for i in 0..n {
+            let identity = capl::libvirt::identity::MachineIdentity::new(
+                NAMESPACE,
+                &name(i),
+                capl::libvirt::identity::MachineIdentity::uuid_for_uid(&name(i)),
+            );
+            let request = capl::libvirt::backend::MachineRequest {
+                identity,
+                cluster: CLUSTER.into(),
+                host: capl::libvirt::backend::HostRef {
+                    name: "a".into(),
+                    uri: uri.clone(),
+                    domain_type: capl::api::DomainType::Kvm,
+                },
+                vcpus: 1,
+                memory_mib: 256,
+                cpu_mode: capl::api::CpuMode::Maximum,
+                firmware: capl::api::Firmware::Bios,
+                pool: pool_name(i / PER_POOL),
+                image: capl::libvirt::backend::BaseImage::Volume {
+                    pool: POOL.into(),
+                    name: BASE.into(),
+                },
+                root_gib: 1,
+                data_disks: vec![],
+                interfaces: vec![],
+                bootstrap: None,
+                direct_boot: None,
+            };
+            capl::libvirt::provision::provision(&hosts, &images, &request)
+                .await
+                .expect("a machine on the test driver");
+        }
+        println!("{}", status_kib(std::process::id(), "VmRSS:").saturating_sub(before));
+    });
 }
 
 fn status_kib(pid: u32, field: &str) -> u64 {
@@ -417,7 +496,9 @@ fn spawn_ready(
         .arg("--allow-test-driver")
         .arg(format!("--namespace={NAMESPACE}"))
         .args(MANAGER_FLAGS)
-        .env("RUST_LOG", "warn");
+        // `info`, as by default; naming the kube crates keeps the telemetry's caps (which
+        // append `kube_client=debug`) from raising them to debug.
+        .env("RUST_LOG", "info,kube_client=info,kube_runtime=info");
     let spawned = Instant::now();
     let mut proc =
         support::process::Proc::spawn("manager", cmd, log, support::process::Lifetime::TestProcess)
@@ -578,6 +659,7 @@ fn bench(n: usize) {
         let writes_done = apiserver_writes(&bed);
         let (machine_reconciles, cluster_reconciles) = reconciles(metrics);
         let hwm = status_kib(pid, "VmHWM:");
+        let threads = status_kib(pid, "Threads:");
         println!(
             "all {n} provisioned {:.2} s after the first LibvirtMachine create ({:.2} s after the last)",
             wall.as_secs_f64(),
@@ -627,6 +709,7 @@ fn bench(n: usize) {
                 *managers.entry(key).or_default() += 1;
             }
         }
+        println!("manager threads at the end of the run: {threads}");
         println!("field managers on the LibvirtMachines (objects carrying each): {managers:?}");
         println!(
             "manager RSS: idle {idle_rss} KiB ({:.1} MiB), peak during the run {peak_rss} KiB ({:.1} MiB), VmHWM {hwm} KiB ({:.1} MiB), now {} KiB",
@@ -637,6 +720,16 @@ fn bench(n: usize) {
         );
         watch.abort();
     });
+    // What of that is the in-process test driver's state (a real host keeps it in libvirtd).
+    let out = std::process::Command::new(std::env::current_exe().expect("this binary"))
+        .args(["--test-driver-state", &n.to_string()])
+        .output()
+        .expect("measuring the test driver's state");
+    let share = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    println!(
+        "of which the in-process test driver's state for {n} machines (measured apart: RSS growth while \
+         the provider's provisioning code makes them, sequentially, no seed volume): {share} KiB"
+    );
     manager.stop(Duration::from_secs(10));
     let _ = std::fs::copy(dir.join("manager.log"), LOG_COPY);
     println!("manager log: {LOG_COPY}");
