@@ -252,7 +252,10 @@ mod tests {
         });
         let started = std::time::Instant::now();
         tasks.wait(uuid, Duration::from_secs(5)).await;
-        assert!(started.elapsed() < Duration::from_secs(2), "woken by the end");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "woken by the end"
+        );
         assert!(matches!(tasks.poll(uuid), Polled::Finished(Err(_))));
 
         tasks.start(uuid, Step::BaseImage, |_| async {

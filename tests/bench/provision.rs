@@ -55,7 +55,7 @@ const IN_FLIGHT: usize = 64;
 const MANAGER_FLAGS: &[&str] = &[
     "--kube-api-qps=1000",
     "--kube-api-burst=1000",
-    "--libvirtmachine-concurrency=10",
+    "--libvirtmachine-concurrency=32",
 ];
 /// How long the machines may take before the bench gives up (and shows the stragglers).
 const WAIT: Duration = Duration::from_secs(180);
@@ -83,14 +83,20 @@ fn main() {
         .find(|a| !a.starts_with("--"))
         .and_then(|a| a.parse().ok())
         .unwrap_or(1000);
-    assert!(machines <= POOLS * PER_POOL, "at most {} machines", POOLS * PER_POOL);
+    assert!(
+        machines <= POOLS * PER_POOL,
+        "at most {} machines",
+        POOLS * PER_POOL
+    );
     bench(machines);
 }
 
 /// The manager, in this process: a base volume on the test driver, then `capl::manager::run`.
 fn manager_child(args: &[String]) {
     use clap::Parser;
-    let cli = capl::config::Cli::parse_from(std::iter::once("manager".to_owned()).chain(args.iter().cloned()));
+    let cli = capl::config::Cli::parse_from(
+        std::iter::once("manager".to_owned()).chain(args.iter().cloned()),
+    );
     capl::telemetry::init(cli.run.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let uri = capl::libvirt::uri::HostUri::parse(
@@ -206,7 +212,10 @@ fn test_driver_state(n: usize) {
                 .await
                 .expect("a machine on the test driver");
         }
-        println!("{}", status_kib(std::process::id(), "VmRSS:").saturating_sub(before));
+        println!(
+            "{}",
+            status_kib(std::process::id(), "VmRSS:").saturating_sub(before)
+        );
     });
 }
 
@@ -251,7 +260,7 @@ fn samples(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
         } else {
             continue;
         };
-        let Ok(value) = value.trim().split_whitespace().next().unwrap_or("").parse::<f64>() else {
+        let Ok(value) = value.split_whitespace().next().unwrap_or("").parse::<f64>() else {
             continue;
         };
         let mut map = BTreeMap::new();
@@ -275,7 +284,16 @@ fn apiserver_writes(bed: &support::TestBed) -> Writes {
     let mut writes = Writes::new();
     for (labels, value) in samples(&text, "apiserver_request_total") {
         let verb = labels.get("verb").cloned().unwrap_or_default();
-        if !["POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION"].contains(&verb.as_str()) {
+        if ![
+            "POST",
+            "PUT",
+            "PATCH",
+            "APPLY",
+            "DELETE",
+            "DELETECOLLECTION",
+        ]
+        .contains(&verb.as_str())
+        {
             continue;
         }
         let key = (
@@ -442,12 +460,21 @@ async fn setup_cluster(client: &Client) {
         if ready {
             break;
         }
-        assert!(Instant::now() < deadline, "the LibvirtCluster was not provisioned: {:?}", c.status);
+        assert!(
+            Instant::now() < deadline,
+            "the LibvirtCluster was not provisioned: {:?}",
+            c.status
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-fn print_writes(title: &str, writes: &Writes, machines: usize, minus: &[((&str, &str, &str), f64)]) {
+fn print_writes(
+    title: &str,
+    writes: &Writes,
+    machines: usize,
+    minus: &[((&str, &str, &str), f64)],
+) {
     println!("{title}");
     let mut ours = 0.0;
     for ((resource, sub, verb), n) in writes {
@@ -541,8 +568,7 @@ fn bench(n: usize) {
     // The manager that provisions (this binary as `--manager-child`, see the module doc).
     let mut cmd = std::process::Command::new(std::env::current_exe().expect("this binary"));
     cmd.arg("--manager-child");
-    let (mut manager, ready, idle_rss, metrics) =
-        spawn_ready(cmd, &bed, &dir.join("manager.log"));
+    let (mut manager, ready, idle_rss, metrics) = spawn_ready(cmd, &bed, &dir.join("manager.log"));
     let pid = manager.pid();
     println!(
         "manager (child) pid {pid}: start-to-ready {} ms; idle RSS {idle_rss} KiB ({:.1} MiB); flags {}",
@@ -710,6 +736,19 @@ fn bench(n: usize) {
             }
         }
         println!("manager threads at the end of the run: {threads}");
+        // Where the libvirt time went (the manager's own histogram, by operation).
+        let text = http_get(metrics, "/metrics");
+        let sums = samples(&text, "capl_libvirt_call_duration_seconds_sum");
+        for (labels, count) in samples(&text, "capl_libvirt_call_duration_seconds_count") {
+            let sum = sums
+                .iter()
+                .find(|(l, _)| *l == labels)
+                .map_or(0.0, |(_, s)| *s);
+            println!(
+                "libvirt calls {:<60} {count:>6.0} calls, {sum:>7.2} s in all (permit wait included)",
+                labels.get("op").map(String::as_str).unwrap_or("?")
+            );
+        }
         println!("field managers on the LibvirtMachines (objects carrying each): {managers:?}");
         println!(
             "manager RSS: idle {idle_rss} KiB ({:.1} MiB), peak during the run {peak_rss} KiB ({:.1} MiB), VmHWM {hwm} KiB ({:.1} MiB), now {} KiB",

@@ -451,8 +451,7 @@ async fn apply<B: Backend>(
             return finish(api, &object, draft, ctx, invalid()).await;
         }
     };
-    let recorded =
-        records(&infra, &host_name) || recorded_soon(ctx, &infra, &host_name).await;
+    let recorded = records(&infra, &host_name) || recorded_soon(ctx, &infra, &host_name).await;
     if !recorded {
         draft.waiting(
             reason::WAITING_FOR_HOST_RECORD,

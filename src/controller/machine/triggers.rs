@@ -59,7 +59,10 @@ mod tests {
         let changes = Changes::default();
         assert!(changes.changed("ns/a".into(), ("x", false)), "new");
         assert!(!changes.changed("ns/a".into(), ("x", false)), "same");
-        assert!(changes.changed("ns/b".into(), ("x", false)), "another object");
+        assert!(
+            changes.changed("ns/b".into(), ("x", false)),
+            "another object"
+        );
         assert!(changes.changed("ns/a".into(), ("x", true)), "changed");
         assert!(!changes.changed("ns/a".into(), ("x", true)));
     }
