@@ -256,3 +256,84 @@ impl Backend for LibvirtBackend {
         self.run(host, None, |h| h.list_machines()).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::libvirt::backend::BaseImage;
+    use crate::libvirt::uri::{HostUri, UriPolicy};
+
+    fn request(uri: &HostUri, name: &str) -> MachineRequest {
+        MachineRequest {
+            identity: MachineIdentity::new("ns", name, MachineIdentity::uuid_for_uid(name)),
+            cluster: "c".into(),
+            host: HostRef {
+                name: "a".into(),
+                uri: uri.clone(),
+                domain_type: crate::api::DomainType::Kvm,
+            },
+            vcpus: 1,
+            memory_mib: 256,
+            cpu_mode: crate::api::CpuMode::Maximum,
+            firmware: crate::api::Firmware::Bios,
+            pool: "default-pool".into(),
+            image: BaseImage::Volume {
+                pool: "default-pool".into(),
+                name: "quick-golden.qcow2".into(),
+            },
+            root_gib: 1,
+            data_disks: vec![],
+            interfaces: vec![],
+            bootstrap: None,
+            direct_boot: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ensure_reports_a_quick_creation_at_once_and_a_zero_wait_returns_in_progress() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let uri = HostUri::parse(
+            "test:///default",
+            UriPolicy {
+                allow_test_driver: true,
+            },
+        )
+        .expect("uri");
+        let hosts = Arc::new(Hosts::new(4));
+        let golden = crate::libvirt::xml::VolumePlan {
+            name: "quick-golden.qcow2".into(),
+            capacity_gib: 1,
+            format: "qcow2".into(),
+            backing: None,
+        }
+        .to_xml()
+        .expect("xml");
+        hosts
+            .run(&uri, move |host| {
+                host.ensure_volume("default-pool", "quick-golden.qcow2", &golden)
+            })
+            .await
+            .expect("golden volume");
+
+        let quick = LibvirtBackend::with_hosts(hosts.clone())
+            .expect("backend")
+            .with_quick_wait(Duration::from_secs(10));
+        let first = quick.ensure(&request(&uri, "quick")).await.expect("ensure");
+        assert!(
+            matches!(&first, Provisioning::Ready(state) if state.domain.is_running()),
+            "a quick creation is done within the wait: {first:?}"
+        );
+
+        let at_once = LibvirtBackend::with_hosts(hosts).expect("backend");
+        assert_eq!(
+            at_once
+                .ensure(&request(&uri, "at-once"))
+                .await
+                .expect("ensure"),
+            Provisioning::InProgress {
+                step: Step::BaseImage
+            },
+            "without a wait the call returns at once"
+        );
+    }
+}

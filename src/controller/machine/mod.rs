@@ -451,7 +451,11 @@ async fn apply<B: Backend>(
             return finish(api, &object, draft, ctx, invalid()).await;
         }
     };
-    let recorded = records(&infra, &host_name) || recorded_soon(ctx, &infra, &host_name).await;
+    let recorded = infra
+        .status
+        .as_ref()
+        .and_then(|s| s.hosts_in_use.as_ref())
+        .is_some_and(|used| used.iter().any(|h| h.name == host_name));
     if !recorded {
         draft.waiting(
             reason::WAITING_FOR_HOST_RECORD,
@@ -622,37 +626,6 @@ async fn apply<B: Backend>(
         }
     };
     finish(api, &object, draft, ctx, next).await
-}
-
-/// How long a reconcile waits for the cluster controller to record a newly placed machine's host
-/// (it reacts to the placement at once) before it writes `WaitingForHostRecord` and comes back.
-const HOST_RECORD_WAIT: Duration = Duration::from_secs(1);
-
-/// Whether the LibvirtCluster's `hostsInUse` lists `host`.
-fn records(infra: &LibvirtCluster, host: &str) -> bool {
-    infra
-        .status
-        .as_ref()
-        .and_then(|s| s.hosts_in_use.as_ref())
-        .is_some_and(|used| used.iter().any(|h| h.name == host))
-}
-
-/// Watches the shared LibvirtCluster store (no API call) for up to [`HOST_RECORD_WAIT`] until
-/// the cluster records `host`.
-async fn recorded_soon<B: Backend>(ctx: &Context<B>, infra: &LibvirtCluster, host: &str) -> bool {
-    let reference = ObjectRef::from_obj(infra);
-    let deadline = Instant::now() + HOST_RECORD_WAIT;
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        if ctx
-            .clusters
-            .get(&reference)
-            .is_some_and(|current| records(&current, host))
-        {
-            return true;
-        }
-    }
-    false
 }
 
 /// How long the machine has waited for an address, when that is longer than `timeout`.
