@@ -25,15 +25,31 @@ pub struct LibvirtBackend {
     tasks: Tasks,
     /// When a guest asked to shut down gets stopped hard, per machine (in memory only).
     deadlines: Mutex<HashMap<Uuid, Instant>>,
+    /// How long `ensure` waits for a background creation before reporting it in progress.
+    quick_wait: Duration,
 }
 
+/// How long the manager's backend lets `ensure` wait for a quick creation (a machine from a
+/// cached image is made in well under this): the reconcile then reports the VM at once instead
+/// of writing a `Creating` status first and coming back.
+pub const QUICK_WAIT: Duration = Duration::from_millis(1500);
+
 impl LibvirtBackend {
-    /// `per_host`: how many libvirt calls may run at once against one host.
+    /// The manager's backend: `per_host` is how many libvirt calls may run at once against one
+    /// host; `ensure` waits up to [`QUICK_WAIT`] for a creation.
     pub fn new(per_host: usize) -> std::io::Result<Self> {
-        Self::with_hosts(Arc::new(Hosts::new(per_host)))
+        Ok(Self::with_hosts(Arc::new(Hosts::new(per_host)))?.with_quick_wait(QUICK_WAIT))
     }
 
-    /// A backend on existing connections (e.g. with another call timeout).
+    /// `ensure` waits up to `wait` for the machine's background creation to end before it
+    /// reports it in progress.
+    pub fn with_quick_wait(mut self, wait: Duration) -> Self {
+        self.quick_wait = wait;
+        self
+    }
+
+    /// A backend on existing connections (e.g. with another call timeout); its `ensure`
+    /// returns at once while a creation runs (see [`LibvirtBackend::with_quick_wait`]).
     pub fn with_hosts(hosts: Arc<Hosts>) -> std::io::Result<Self> {
         Ok(Self {
             images: Arc::new(ImageCache::new(hosts.clone())?),
@@ -41,6 +57,7 @@ impl LibvirtBackend {
             locks: Arc::new(MachineLocks::default()),
             tasks: Tasks::default(),
             deadlines: Mutex::new(HashMap::new()),
+            quick_wait: Duration::ZERO,
         })
     }
 
@@ -91,6 +108,9 @@ impl LibvirtBackend {
 impl Backend for LibvirtBackend {
     async fn ensure(&self, request: &MachineRequest) -> Result<Provisioning, BackendError> {
         let uuid = request.identity.domain_uuid();
+        if !self.quick_wait.is_zero() && self.tasks.is_running(uuid) {
+            self.tasks.wait(uuid, self.quick_wait).await;
+        }
         match self.tasks.poll(uuid) {
             Polled::Running(step) => return Ok(Provisioning::InProgress { step }),
             Polled::Finished(result) => return result.map(Provisioning::Ready),
@@ -138,7 +158,16 @@ impl Backend for LibvirtBackend {
                 )
             }))
         });
-        Ok(Provisioning::InProgress { step })
+        if self.quick_wait.is_zero() {
+            return Ok(Provisioning::InProgress { step });
+        }
+        // A quick creation is reported as done right away.
+        self.tasks.wait(uuid, self.quick_wait).await;
+        match self.tasks.poll(uuid) {
+            Polled::Finished(result) => result.map(Provisioning::Ready),
+            Polled::Running(step) => Ok(Provisioning::InProgress { step }),
+            Polled::Idle => Ok(Provisioning::InProgress { step }),
+        }
     }
 
     async fn status(
@@ -225,5 +254,86 @@ impl Backend for LibvirtBackend {
 
     async fn list_machines(&self, host: &HostRef) -> Result<Vec<OwnedDomain>, BackendError> {
         self.run(host, None, |h| h.list_machines()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::libvirt::backend::BaseImage;
+    use crate::libvirt::uri::{HostUri, UriPolicy};
+
+    fn request(uri: &HostUri, name: &str) -> MachineRequest {
+        MachineRequest {
+            identity: MachineIdentity::new("ns", name, MachineIdentity::uuid_for_uid(name)),
+            cluster: "c".into(),
+            host: HostRef {
+                name: "a".into(),
+                uri: uri.clone(),
+                domain_type: crate::api::DomainType::Kvm,
+            },
+            vcpus: 1,
+            memory_mib: 256,
+            cpu_mode: crate::api::CpuMode::Maximum,
+            firmware: crate::api::Firmware::Bios,
+            pool: "default-pool".into(),
+            image: BaseImage::Volume {
+                pool: "default-pool".into(),
+                name: "quick-golden.qcow2".into(),
+            },
+            root_gib: 1,
+            data_disks: vec![],
+            interfaces: vec![],
+            bootstrap: None,
+            direct_boot: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ensure_reports_a_quick_creation_at_once_and_a_zero_wait_returns_in_progress() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let uri = HostUri::parse(
+            "test:///default",
+            UriPolicy {
+                allow_test_driver: true,
+            },
+        )
+        .expect("uri");
+        let hosts = Arc::new(Hosts::new(4));
+        let golden = crate::libvirt::xml::VolumePlan {
+            name: "quick-golden.qcow2".into(),
+            capacity_gib: 1,
+            format: "qcow2".into(),
+            backing: None,
+        }
+        .to_xml()
+        .expect("xml");
+        hosts
+            .run(&uri, move |host| {
+                host.ensure_volume("default-pool", "quick-golden.qcow2", &golden)
+            })
+            .await
+            .expect("golden volume");
+
+        let quick = LibvirtBackend::with_hosts(hosts.clone())
+            .expect("backend")
+            .with_quick_wait(Duration::from_secs(10));
+        let first = quick.ensure(&request(&uri, "quick")).await.expect("ensure");
+        assert!(
+            matches!(&first, Provisioning::Ready(state) if state.domain.is_running()),
+            "a quick creation is done within the wait: {first:?}"
+        );
+
+        let at_once = LibvirtBackend::with_hosts(hosts).expect("backend");
+        assert_eq!(
+            at_once
+                .ensure(&request(&uri, "at-once"))
+                .await
+                .expect("ensure"),
+            Provisioning::InProgress {
+                step: Step::BaseImage
+            },
+            "without a wait the call returns at once"
+        );
     }
 }

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::OwnedMutexGuard;
 use tokio::task::JoinHandle;
@@ -68,6 +69,8 @@ impl Reporter {
 struct Entry {
     handle: JoinHandle<()>,
     progress: Arc<Mutex<Progress>>,
+    /// Turns true when the work has ended (its sender is dropped if it was aborted).
+    done: tokio::sync::watch::Receiver<bool>,
 }
 
 /// What [`Tasks::poll`] found.
@@ -130,15 +133,33 @@ impl Tasks {
         let reporter = Reporter(progress.clone());
         let future = work(reporter);
         let report = progress.clone();
+        let (done_tx, done) = tokio::sync::watch::channel(false);
         let handle = tokio::spawn(async move {
             // `None`: the work stopped without a result (a simulated crash); the next poll
             // finds the machine idle.
             if let Some(outcome) = future.await {
                 locked(&report).outcome = Some(outcome);
             }
+            let _ = done_tx.send(true);
         });
-        entries.insert(uuid, Entry { handle, progress });
+        entries.insert(
+            uuid,
+            Entry {
+                handle,
+                progress,
+                done,
+            },
+        );
         first
+    }
+
+    /// Waits until the machine's background work has ended, for at most `within` (at once when
+    /// none runs). The result stays for [`Tasks::poll`].
+    pub async fn wait(&self, uuid: Uuid, within: Duration) {
+        let done = locked(&self.entries).get(&uuid).map(|e| e.done.clone());
+        if let Some(mut done) = done {
+            let _ = tokio::time::timeout(within, done.wait_for(|ended| *ended)).await;
+        }
     }
 
     /// Cancels the machine's background work and waits until its future is gone (its blocking
@@ -162,7 +183,6 @@ impl Tasks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test]
     async fn the_lock_is_held_while_any_clone_lives() {
@@ -212,5 +232,40 @@ mod tests {
         tasks.cancel(uuid).await;
         assert!(!tasks.is_running(uuid));
         assert!(matches!(tasks.poll(uuid), Polled::Idle));
+    }
+
+    #[tokio::test]
+    async fn wait_returns_when_the_work_ends_or_the_bound_passes() {
+        let tasks = Tasks::default();
+        let uuid = Uuid::nil();
+        let started = std::time::Instant::now();
+        tasks.wait(uuid, Duration::from_secs(5)).await;
+        assert!(started.elapsed() < Duration::from_secs(1), "nothing runs");
+
+        tasks.start(uuid, Step::BaseImage, |_| async {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            Some(Err(BackendError::new(
+                super::super::error::ErrorKind::Transient,
+                Some(Step::Define),
+                "boom",
+            )))
+        });
+        let started = std::time::Instant::now();
+        tasks.wait(uuid, Duration::from_secs(5)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "woken by the end"
+        );
+        assert!(matches!(tasks.poll(uuid), Polled::Finished(Err(_))));
+
+        tasks.start(uuid, Step::BaseImage, |_| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            None
+        });
+        let started = std::time::Instant::now();
+        tasks.wait(uuid, Duration::from_millis(50)).await;
+        assert!(started.elapsed() >= Duration::from_millis(50), "bounded");
+        assert!(matches!(tasks.poll(uuid), Polled::Running(_)));
+        tasks.cancel(uuid).await;
     }
 }

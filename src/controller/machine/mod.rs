@@ -19,6 +19,7 @@
 
 pub mod console;
 pub mod plan;
+pub mod triggers;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,9 +47,12 @@ use crate::api::{
 use crate::libvirt::backend::{Backend, Deletion, HostRef, Provisioning};
 use crate::libvirt::error::{BackendError, ErrorKind, Step};
 use crate::libvirt::identity::MachineIdentity;
+use triggers::Changes;
 
-/// Adds the LibvirtMachine's watches: its Machine (bootstrap data, failure domain), its Cluster
-/// (pause) and its LibvirtCluster (provisioned, `hostsInUse`).
+/// Adds the LibvirtMachine's watches: its Machine (bootstrap data, failure domain, labels), its
+/// Cluster (pause) and its LibvirtCluster (provisioned, `hostsInUse`). Each maps an update only
+/// when the fields a reconcile reads from that object changed ([`triggers`]): the Cluster API
+/// core writes Machine and Cluster statuses many times per machine.
 pub fn controller(
     controller: Controller<LibvirtMachine>,
     client: &Client,
@@ -59,13 +63,30 @@ pub fn controller(
     let cluster_resource = capi::resource("Cluster");
     let by_cluster = machines.clone();
     let by_infra_cluster = machines.clone();
+    let (machine_changes, cluster_changes, infra_changes) = (
+        Arc::new(Changes::default()),
+        Arc::new(Changes::default()),
+        Arc::new(Changes::default()),
+    );
     controller
         .watches_with(
             super::capi_api(client, settings, &machine_resource),
             machine_resource,
             watcher::Config::default(),
-            |machine: DynamicObject| {
+            move |machine: DynamicObject| {
                 let namespace = machine.namespace().unwrap_or_default();
+                let read = |pointer: &str| machine.data.pointer(pointer).map(|v| v.to_string());
+                let fields = (
+                    machine.uid(),
+                    read("/spec/bootstrap"),
+                    read("/spec/failureDomain"),
+                    read("/spec/infrastructureRef"),
+                    machine.labels().clone(),
+                    machine.meta().deletion_timestamp.is_some(),
+                );
+                if !machine_changes.changed(key(&machine), fields) {
+                    return None;
+                }
                 capi::string_at(&machine, "/spec/infrastructureRef/name")
                     .filter(|_| {
                         capi::string_at(&machine, "/spec/infrastructureRef/kind")
@@ -79,6 +100,18 @@ pub fn controller(
             cluster_resource,
             watcher::Config::default(),
             move |cluster: DynamicObject| {
+                let fields = (
+                    cluster.uid(),
+                    capi::paused(Some(&cluster), &cluster),
+                    cluster
+                        .data
+                        .pointer("/spec/infrastructureRef")
+                        .map(|v| v.to_string()),
+                    cluster.meta().deletion_timestamp.is_some(),
+                );
+                if !cluster_changes.changed(key(&cluster), fields) {
+                    return Vec::new();
+                }
                 let namespace = cluster.namespace();
                 let name = cluster.name_any();
                 super::refs_where(&by_cluster, |m| {
@@ -90,6 +123,22 @@ pub fn controller(
             settings.api::<LibvirtCluster>(client),
             settings.watcher_config(),
             move |infra: LibvirtCluster| {
+                let status = infra.status.as_ref();
+                let fields = (
+                    infra.uid(),
+                    infra.meta().generation,
+                    status
+                        .and_then(|s| s.initialization.as_ref())
+                        .and_then(|i| i.provisioned),
+                    status
+                        .and_then(|s| s.hosts_in_use.as_ref())
+                        .map(|h| serde_json::to_string(h).unwrap_or_default()),
+                    infra.meta().deletion_timestamp.is_some(),
+                    cluster_name(&infra),
+                );
+                if !infra_changes.changed(key(&infra), fields) {
+                    return Vec::new();
+                }
                 let namespace = infra.namespace();
                 let name = cluster_name(&infra);
                 super::refs_where(&by_infra_cluster, |m| {
@@ -133,19 +182,66 @@ pub async fn reconcile<B: Backend>(
         return Ok(Action::await_change());
     }
 
-    // The finalizer is added only here, once the owner exists.
-    super::with_finalizer(&api, object, |event| async {
-        match event {
-            Finalizer::Apply(object) => {
-                let (Some(machine), Some(cluster)) = (machine.as_ref(), cluster.as_ref()) else {
-                    return Ok(Action::await_change());
-                };
-                apply(&api, object, machine, cluster, &ctx).await
+    // Deleting: the finalizer helper runs the cleanup while our finalizer is on the object,
+    // then removes it.
+    if deleting {
+        return super::with_finalizer(&api, object, |event| async {
+            match event {
+                Finalizer::Cleanup(object) => cleanup(&api, &object, cluster.as_ref(), &ctx).await,
+                // Not reached for an object being deleted.
+                Finalizer::Apply(_) => Ok(Action::await_change()),
             }
-            Finalizer::Cleanup(object) => cleanup(&api, &object, cluster.as_ref(), &ctx).await,
+        })
+        .await;
+    }
+    let (Some(machine), Some(cluster)) = (machine.as_ref(), cluster.as_ref()) else {
+        return Ok(Action::await_change());
+    };
+    // The finalizer is added in `apply`, with the identity and before any side effect.
+    apply(&api, object, machine, cluster, &ctx).await
+}
+
+/// Whether the object carries our finalizer.
+fn has_finalizer(object: &LibvirtMachine) -> bool {
+    object.finalizers().iter().any(|f| f == super::FINALIZER)
+}
+
+/// Adds our finalizer (when missing) and sets `spec` fields, in one JSON patch. Like kube's
+/// finalizer helper, the patch first tests the finalizer list it extends, so that a concurrent
+/// change of the list fails the patch instead of being overwritten.
+async fn persist(
+    api: &Api<LibvirtMachine>,
+    object: &LibvirtMachine,
+    spec: &[(&str, &str)],
+) -> Result<LibvirtMachine> {
+    let mut ops = Vec::new();
+    if !has_finalizer(object) {
+        if object.finalizers().is_empty() {
+            ops.push(json!({"op": "test", "path": "/metadata/finalizers", "value": null}));
+            ops.push(
+                json!({"op": "add", "path": "/metadata/finalizers", "value": [super::FINALIZER]}),
+            );
+        } else {
+            ops.push(
+                json!({"op": "test", "path": "/metadata/finalizers", "value": object.finalizers()}),
+            );
+            ops.push(
+                json!({"op": "add", "path": "/metadata/finalizers/-", "value": super::FINALIZER}),
+            );
         }
-    })
-    .await
+    }
+    for (field, value) in spec {
+        ops.push(json!({"op": "add", "path": format!("/spec/{field}"), "value": value}));
+    }
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+        .map_err(|e| Error::Object(format!("building a patch: {e}")))?;
+    Ok(api
+        .patch(
+            &object.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await?)
 }
 
 /// The status being built by one reconcile.
@@ -325,14 +421,8 @@ async fn apply<B: Backend>(
             None => MachineIdentity::uuid_for_uid(object.uid().as_deref().unwrap_or_default())
                 .to_string(),
         };
-        let patch = json!({"spec": {"domainUUID": uuid, "host": host}});
-        let patched = api
-            .patch(
-                &object.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await?;
+        // With the finalizer: from here on, deleting the object goes through the cleanup.
+        let patched = persist(api, &object, &[("domainUUID", &uuid), ("host", &host)]).await?;
         draft.observed(patched.meta().generation);
         draft.status.host = patched.spec.host.clone();
         draft.status.failure_domain = patched.spec.host.clone();
@@ -344,6 +434,13 @@ async fn apply<B: Backend>(
     let (Some(identity), Some(host_name)) = (identity(&object), object.spec.host.clone()) else {
         draft.waiting(reason::INVALID_SPEC, "spec.domainUUID is not a UUID");
         return finish(api, &object, draft, ctx, invalid()).await;
+    };
+    // An identity persisted without our finalizer (a moved object, a finalizer removed by hand):
+    // the finalizer first, before anything is created.
+    let object = if has_finalizer(&object) {
+        object
+    } else {
+        Arc::new(persist(api, &object, &[]).await?)
     };
 
     // The host, and its record in the cluster's hostsInUse (made before anything is created).
