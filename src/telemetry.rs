@@ -53,12 +53,37 @@ fn filter(rust_log: Option<&str>) -> EnvFilter {
         .filter(|directives| EnvFilter::try_new(directives).is_ok())
         .unwrap_or("info");
     let mut directives = base.to_owned();
+    let global = global_verbosity(base);
     for (target, cap) in CAPS {
-        if !names(base, target) {
+        // A cap only ever lowers a crate's level: under `info`, `kube_client=debug` would raise it.
+        if !names(base, target) && verbosity(cap).is_some_and(|cap| cap < global) {
             directives.push_str(&format!(",{target}={cap}"));
         }
     }
     EnvFilter::new(directives)
+}
+
+/// How verbose a level is: `off` 0 … `trace` 5; `None` when `level` is not one.
+fn verbosity(level: &str) -> Option<u8> {
+    match level.trim().to_ascii_lowercase().as_str() {
+        "off" => Some(0),
+        "error" => Some(1),
+        "warn" => Some(2),
+        "info" => Some(3),
+        "debug" => Some(4),
+        "trace" => Some(5),
+        _ => None,
+    }
+}
+
+/// The level of targets the directives do not name: their last bare level (`info` in
+/// `info,capl=debug`), `error` when there is none (tracing-subscriber's default).
+fn global_verbosity(directives: &str) -> u8 {
+    directives
+        .split(',')
+        .filter_map(verbosity)
+        .next_back()
+        .unwrap_or(1)
 }
 
 /// Whether `directives` has a directive for `target` itself (`hyper=trace`, not `hyper_util=..`).
@@ -92,8 +117,14 @@ mod tests {
         let default = directives(None);
         assert!(default.contains(&"rustls=error".to_owned()));
         assert!(default.contains(&"info".to_owned()));
-        assert!(default.contains(&"h2=info".to_owned()));
         assert_eq!(directives(Some("not a [filter")), default);
+        assert!(
+            !default.iter().any(|d| d.starts_with("kube_client")),
+            "a cap never raises a crate above the global level: {default:?}"
+        );
+        let debug = directives(Some("debug"));
+        assert!(!debug.iter().any(|d| d.starts_with("kube_client")), "{debug:?}");
+        assert!(debug.contains(&"hyper=info".to_owned()), "{debug:?}");
         let trace = directives(Some("trace"));
         for capped in ["kube_client=debug", "hyper=info", "h2=info", "rustls=error"] {
             assert!(trace.contains(&capped.to_owned()), "{capped}: {trace:?}");
@@ -102,6 +133,7 @@ mod tests {
         assert!(named.contains(&"rustls=debug".to_owned()), "{named:?}");
         assert!(named.contains(&"hyper=trace".to_owned()), "{named:?}");
         assert!(!named.contains(&"hyper=info".to_owned()), "{named:?}");
-        assert!(named.contains(&"hyper_util=info".to_owned()), "{named:?}");
+        let verbose = directives(Some("trace,rustls=debug,hyper=trace"));
+        assert!(verbose.contains(&"hyper_util=info".to_owned()), "{verbose:?}");
     }
 }

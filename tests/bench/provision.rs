@@ -523,9 +523,8 @@ fn spawn_ready(
         .arg("--allow-test-driver")
         .arg(format!("--namespace={NAMESPACE}"))
         .args(MANAGER_FLAGS)
-        // `info`, as by default; naming the kube crates keeps the telemetry's caps (which
-        // append `kube_client=debug`) from raising them to debug.
-        .env("RUST_LOG", "info,kube_client=info,kube_runtime=info");
+        // `info`, as by default.
+        .env("RUST_LOG", "info");
     let spawned = Instant::now();
     let mut proc =
         support::process::Proc::spawn("manager", cmd, log, support::process::Lifetime::TestProcess)
