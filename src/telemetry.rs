@@ -123,7 +123,10 @@ mod tests {
             "a cap never raises a crate above the global level: {default:?}"
         );
         let debug = directives(Some("debug"));
-        assert!(!debug.iter().any(|d| d.starts_with("kube_client")), "{debug:?}");
+        assert!(
+            !debug.iter().any(|d| d.starts_with("kube_client")),
+            "{debug:?}"
+        );
         assert!(debug.contains(&"hyper=info".to_owned()), "{debug:?}");
         let trace = directives(Some("trace"));
         for capped in ["kube_client=debug", "hyper=info", "h2=info", "rustls=error"] {
@@ -134,6 +137,9 @@ mod tests {
         assert!(named.contains(&"hyper=trace".to_owned()), "{named:?}");
         assert!(!named.contains(&"hyper=info".to_owned()), "{named:?}");
         let verbose = directives(Some("trace,rustls=debug,hyper=trace"));
-        assert!(verbose.contains(&"hyper_util=info".to_owned()), "{verbose:?}");
+        assert!(
+            verbose.contains(&"hyper_util=info".to_owned()),
+            "{verbose:?}"
+        );
     }
 }

@@ -258,6 +258,7 @@ async fn machine_reaches_provisioned_with_provider_id_and_addresses() {
             .iter()
             .any(|r| r == "WaitingForClusterInfrastructure"
                 || r == "Creating"
+                || r == "ImageDownloading"
                 || r == "WaitingForHostRecord"),
         "{reasons:?}"
     );
@@ -971,4 +972,73 @@ async fn host_credentials_come_from_the_secret_and_a_missing_one_is_a_condition(
     );
     env.stop().await;
     capl::libvirt::credentials::CredentialFiles::remove_global();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_made_vm_needs_no_bootstrap_secret_but_a_vanished_one_waits_for_it() {
+    let env = env("ctl-no-bootstrap").await;
+    env.provisioned_cluster("c1").await;
+    let made = env.provisioned_machine("c1", "m1").await;
+    // `clusterctl move` leaves unowned Secrets behind: the VM exists, nothing else is needed.
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    secrets
+        .delete("m1-bootstrap", &DeleteParams::default())
+        .await
+        .expect("deleting the bootstrap Secret");
+    let touch = |value: &'static str| {
+        let machines = env.machines.clone();
+        async move {
+            machines
+                .patch(
+                    "m1",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"annotations": {"touch": value}}})),
+                )
+                .await
+                .expect("touching the machine");
+        }
+    };
+    touch("1").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = env.machines.get("m1").await.expect("the machine");
+    assert_eq!(reason_of(&still, "Ready").as_deref(), Some("Ready"));
+
+    // The VM vanishes behind the provider's back: it is not made again without its data.
+    let host = capl::libvirt::backend::HostRef {
+        name: "a".into(),
+        uri: support::host_uri("test:///default"),
+        domain_type: capl::api::DomainType::Kvm,
+    };
+    let uuid = uuid::Uuid::parse_str(made.spec.domain_uuid.as_deref().unwrap()).unwrap();
+    let identity = capl::libvirt::identity::MachineIdentity::new(&env.ns, "m1", uuid);
+    env.fake.set_guests_ignore_acpi(false);
+    eventually("the VM to be gone", WAIT, || async {
+        matches!(
+            env.fake
+                .delete(&host, &identity, Duration::ZERO)
+                .await
+                .ok()?,
+            capl::libvirt::backend::Deletion::Gone
+        )
+        .then_some(())
+    })
+    .await;
+    touch("2").await;
+    eventually("WaitingForBootstrapData", WAIT, || async {
+        let m = env.machines.get("m1").await.ok()?;
+        (reason_of(&m, "Ready").as_deref() == Some("WaitingForBootstrapData")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        env.domains().await,
+        0,
+        "no VM made without its bootstrap data"
+    );
+    secrets
+        .create(&PostParams::default(), &bootstrap_secret("m1"))
+        .await
+        .expect("re-creating the Secret");
+    env.wait_provisioned("m1").await;
+    assert_eq!(env.domains().await, 1);
+    env.stop().await;
 }

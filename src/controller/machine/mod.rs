@@ -384,9 +384,11 @@ async fn apply<B: Backend>(
         return finish(api, &object, draft, ctx, Action::await_change()).await;
     };
 
-    // Bootstrap data.
+    // Bootstrap data: creation needs it. A machine whose VM was made (its providerID is set) goes
+    // on without it: `clusterctl move` leaves behind Secrets nothing owns, and the VM has its data.
     let data = match capi::bootstrap_data(&ctx.client, machine).await? {
-        Ok(data) => data,
+        Ok(data) => Some(data),
+        Err(_) if object.spec.provider_id.is_some() => None,
         Err(problem) => {
             let (message, next) = match problem {
                 capi::BootstrapProblem::NotNamed => (
@@ -451,12 +453,7 @@ async fn apply<B: Backend>(
             return finish(api, &object, draft, ctx, invalid()).await;
         }
     };
-    let recorded = infra
-        .status
-        .as_ref()
-        .and_then(|s| s.hosts_in_use.as_ref())
-        .is_some_and(|used| used.iter().any(|h| h.name == host_name));
-    if !recorded {
+    if !host_recorded(&infra, &host_name) && !host_recorded_soon(&infra, &host_name, ctx).await {
         draft.waiting(
             reason::WAITING_FOR_HOST_RECORD,
             format!(
@@ -473,6 +470,25 @@ async fn apply<B: Backend>(
         .await;
     }
 
+    // Without bootstrap data only an existing VM is looked after: a VM that is gone is not made
+    // again without its data.
+    if data.is_none() && matches!(ctx.backend.status(&host, &identity).await, Ok(None)) {
+        draft.waiting(
+            reason::WAITING_FOR_BOOTSTRAP_DATA,
+            format!(
+                "the VM is gone from host {host_name} and the Machine's bootstrap data Secret is missing: it is made again once the Secret exists"
+            ),
+        );
+        return finish(
+            api,
+            &object,
+            draft,
+            ctx,
+            Action::requeue(ctx.settings.poll_interval * 5),
+        )
+        .await;
+    }
+
     // The request, then the backend.
     let request = match plan::plan(
         &object,
@@ -480,7 +496,7 @@ async fn apply<B: Backend>(
         &cluster_name,
         &identity,
         host.clone(),
-        Some(&data),
+        data.as_ref(),
     ) {
         Ok(request) => request,
         Err(error) => {
@@ -588,7 +604,11 @@ async fn apply<B: Backend>(
                     .console_tail(&host, &identity, console::TAIL_BYTES)
                     .await
                 {
-                    Ok(text) => console::summary(&text, data.value.expose()),
+                    Ok(text) => console::summary(
+                        &text,
+                        data.as_ref()
+                            .map_or(&[][..], |d| d.value.expose().as_slice()),
+                    ),
                     Err(error) => format!("(unavailable: {error})"),
                 };
                 draft.set(
@@ -626,6 +646,42 @@ async fn apply<B: Backend>(
         }
     };
     finish(api, &object, draft, ctx, next).await
+}
+
+/// Whether the cluster's `hostsInUse` records host `name`.
+fn host_recorded(infra: &LibvirtCluster, name: &str) -> bool {
+    infra
+        .status
+        .as_ref()
+        .and_then(|s| s.hosts_in_use.as_ref())
+        .is_some_and(|used| used.iter().any(|h| h.name == name))
+}
+
+/// How long a machine placed on a host not yet in `hostsInUse` waits inline for the cluster
+/// controller to record it (it reacts to the placement within moments) before it says so in its
+/// status and requeues: the first machines on a host then cost no extra status write.
+const HOST_RECORD_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether host `name` shows up in the cluster's `hostsInUse` (read from the shared store)
+/// within [`HOST_RECORD_WAIT`].
+async fn host_recorded_soon<B: Backend>(
+    infra: &LibvirtCluster,
+    name: &str,
+    ctx: &Context<B>,
+) -> bool {
+    let key = ObjectRef::from_obj(infra);
+    let deadline = Instant::now() + HOST_RECORD_WAIT;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if ctx
+            .clusters
+            .get(&key)
+            .is_some_and(|current| host_recorded(&current, name))
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// How long the machine has waited for an address, when that is longer than `timeout`.
