@@ -367,12 +367,8 @@ pub async fn run_reporting<B: Backend>(
     machine_api.list(&ListParams::default().limit(1)).await?;
     cluster_api.list(&ListParams::default().limit(1)).await?;
 
-    let machine_controller =
-        Controller::new(machine_api, wc.clone()).trigger_backoff(WatchBackoff::default());
-    let cluster_controller =
-        Controller::new(cluster_api, wc.clone()).trigger_backoff(WatchBackoff::default());
-    let machines = machine_controller.store();
-    let clusters = cluster_controller.store();
+    let (machine_controller, machines) = lean_controller(machine_api, wc.clone());
+    let (cluster_controller, clusters) = lean_controller(cluster_api, wc.clone());
     let caches = {
         let (machines, clusters) = (machines.clone(), clusters.clone());
         tokio::spawn(async move {
@@ -447,6 +443,36 @@ pub async fn run_reporting<B: Backend>(
     stop.abort();
     caches.abort();
     Ok(())
+}
+
+/// A controller of `K` whose store keeps objects without what no reconcile reads: their
+/// `managedFields` and kubectl's last-applied annotation (together often larger than the rest of
+/// the object). Reconciles never write whole objects back (merge patches, and server-side apply
+/// on the status), so nothing stripped is lost.
+fn lean_controller<K>(api: Api<K>, wc: watcher::Config) -> (Controller<K>, Store<K>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = kube::runtime::reflector::store();
+    let stream = kube::runtime::reflector(
+        writer,
+        watcher(api, wc).modify(|object: &mut K| {
+            object.managed_fields_mut().clear();
+            object
+                .annotations_mut()
+                .remove("kubectl.kubernetes.io/last-applied-configuration");
+        }),
+    )
+    .applied_objects();
+    let controller =
+        Controller::for_stream(stream, store.clone()).trigger_backoff(WatchBackoff::default());
+    (controller, store)
 }
 
 /// Whether `store` got the apiserver's state (false: its writer is gone). Polled afresh every
