@@ -17,8 +17,8 @@
 //! (the driver's default state is shared by the process's connections), then runs the real
 //! `capl::manager::run` with the command line the `manager` binary would get.
 //!
-//! Machines carry `spec.failureDomain: a`: the test driver reports 6 MiB of free memory, less
-//! than any machine's minimum, so capacity-based placement would (rightly) find no host.
+//! Machines carry `spec.failureDomain: a`: one host, so that every machine takes the same path
+//! (placement by free memory is covered by the controller tests).
 //!
 //! `cargo test --all-targets` builds and runs this binary too (without `--bench`): it then only
 //! prints a line and exits.
