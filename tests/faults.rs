@@ -114,6 +114,8 @@ impl World {
                 "--sync-period=2s".into(),
                 "--kube-api-qps=500".into(),
                 "--kube-api-burst=1000".into(),
+                // These guests boot no OS: delete powers them off after this.
+                "--guest-shutdown-timeout=5s".into(),
             ],
         );
         self.manager = Some(proc);
@@ -267,6 +269,15 @@ impl World {
             let objects = self.remaining_objects().await?;
             let domains = self.domains().len();
             let volumes = machine_volumes(&host);
+            if started.elapsed().as_secs() % 15 == 0 {
+                let log = std::fs::read_to_string(support::shared().test_dir(&self.test).join("manager.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(8).collect();
+                eprintln!(
+                    "{:?}: left {objects:?}, {domains} domain(s), {} volume(s); manager log tail: {tail:#?}",
+                    started.elapsed(),
+                    volumes.len()
+                );
+            }
             (objects.is_empty() && domains == 0 && volumes.is_empty()).then_some(())
         })
         .await;
