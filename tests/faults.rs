@@ -269,8 +269,8 @@ impl World {
             let objects = self.remaining_objects().await?;
             let domains = self.domains().len();
             let volumes = machine_volumes(&host);
-            if started.elapsed().as_secs() % 15 == 0 {
-                let log = std::fs::read_to_string(support::shared().test_dir(&self.test).join("manager.log")).unwrap_or_default();
+            if started.elapsed().as_secs().is_multiple_of(15) {
+                let log = std::fs::read_to_string(support::shared().test_dir(self.test).join("manager.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(8).collect();
                 eprintln!(
                     "{:?}: left {objects:?}, {domains} domain(s), {} volume(s); manager log tail: {tail:#?}",
