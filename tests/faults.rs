@@ -317,7 +317,18 @@ impl World {
             .ok()?
             .items
         {
-            left.push(format!("LibvirtCluster/{}", o.name_any()));
+            let conditions: Vec<String> = o
+                .status
+                .iter()
+                .flat_map(|s| s.conditions.iter().flatten())
+                .map(|c| format!("{}={}/{}: {}", c.type_, c.status, c.reason, c.message))
+                .collect();
+            left.push(format!(
+                "LibvirtCluster/{} (deleting: {}, finalizers {:?}, {conditions:?})",
+                o.name_any(),
+                o.metadata.deletion_timestamp.is_some(),
+                o.metadata.finalizers
+            ));
         }
         Some(left)
     }

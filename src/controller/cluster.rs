@@ -455,8 +455,18 @@ async fn cleanup<B: Backend>(
     ctx: &Context<B>,
 ) -> Result<Action> {
     let namespace = object.namespace().unwrap_or_default();
+    // Asked of the API server, not the store: a store lagging behind must not hold the
+    // cluster's deletion, and this runs once per delete attempt.
     let remaining = match cluster_name(object) {
-        Some(cluster) => machines_of(&ctx.machines, &namespace, &cluster).len(),
+        Some(cluster) => {
+            let machines: Api<LibvirtMachine> = Api::namespaced(ctx.client.clone(), &namespace);
+            let selector = format!("{}={cluster}", capi::CLUSTER_NAME_LABEL);
+            machines
+                .list_metadata(&kube::api::ListParams::default().labels(&selector))
+                .await?
+                .items
+                .len()
+        }
         None => 0,
     };
     if remaining == 0 {
