@@ -127,11 +127,7 @@ impl Env {
     }
 
     async fn domains(&self) -> usize {
-        let host = capl::libvirt::backend::HostRef {
-            name: "a".into(),
-            uri: support::host_uri("test:///default"),
-            domain_type: capl::api::DomainType::Kvm,
-        };
+        let host = host_a();
         self.fake.list_machines(&host).await.expect("listing").len()
     }
 
@@ -139,6 +135,15 @@ impl Env {
         if let Some(running) = self.running.take() {
             running.stop().await;
         }
+    }
+}
+
+/// Host `a` of [`libvirt_cluster`] as the backend addresses it.
+fn host_a() -> capl::libvirt::backend::HostRef {
+    capl::libvirt::backend::HostRef {
+        name: "a".into(),
+        uri: support::host_uri("test:///default"),
+        domain_type: capl::api::DomainType::Kvm,
     }
 }
 
@@ -490,11 +495,7 @@ async fn an_orphaned_domain_of_the_cluster_is_swept() {
             capl::libvirt::identity::MachineIdentity::uuid_for_uid(name),
         ),
         cluster: cluster.into(),
-        host: capl::libvirt::backend::HostRef {
-            name: "a".into(),
-            uri: support::host_uri("test:///default"),
-            domain_type: capl::api::DomainType::Kvm,
-        },
+        host: host_a(),
         vcpus: 1,
         memory_mib: 256,
         cpu_mode: capl::api::CpuMode::Maximum,
@@ -1004,11 +1005,7 @@ async fn a_made_vm_needs_no_bootstrap_secret_but_a_vanished_one_waits_for_it() {
     assert_eq!(reason_of(&still, "Ready").as_deref(), Some("Ready"));
 
     // The VM vanishes behind the provider's back: it is not made again without its data.
-    let host = capl::libvirt::backend::HostRef {
-        name: "a".into(),
-        uri: support::host_uri("test:///default"),
-        domain_type: capl::api::DomainType::Kvm,
-    };
+    let host = host_a();
     let uuid = uuid::Uuid::parse_str(made.spec.domain_uuid.as_deref().unwrap()).unwrap();
     let identity = capl::libvirt::identity::MachineIdentity::new(&env.ns, "m1", uuid);
     env.fake.set_guests_ignore_acpi(false);

@@ -732,15 +732,7 @@ async fn a_real_guest_boots_from_its_cloud_config_and_its_lease_becomes_the_mach
             .then_some(())
     })
     .await;
-    // Other tests' guests share this libvirtd: count this namespace's only.
-    let ours_on = |host: &capl::libvirt::Host| -> Vec<String> {
-        support::guest_host::domains(host)
-            .unwrap()
-            .into_iter()
-            .filter(|d| d.starts_with(&format!("{ns}_")))
-            .collect()
-    };
-    assert_eq!(ours_on(&host), vec![identity.domain_name()]);
+    assert_eq!(domains_in(&host, ns), vec![identity.domain_name()]);
 
     // Pause: once both objects say Paused, no libvirt call is made across several resyncs.
     capi(&client, ns, "Cluster")
@@ -805,7 +797,11 @@ async fn a_real_guest_boots_from_its_cloud_config_and_its_lease_becomes_the_mach
         (gone && machines_gone).then_some(())
     })
     .await;
-    assert_eq!(ours_on(&host), Vec::<String>::new(), "no domain left");
+    assert_eq!(
+        domains_in(&host, ns),
+        Vec::<String>::new(),
+        "no domain left"
+    );
     assert_eq!(
         support::guest_host::volumes(&host, &prepared.pool).unwrap(),
         vec![support::guest_host::GUEST_VOLUME.to_owned()],
@@ -961,13 +957,16 @@ async fn a_guest_without_an_address_shows_its_console_tail_redacted() {
             .then_some(())
     })
     .await;
-    // Other tests' guests share this libvirtd: count this namespace's only.
-    let left: Vec<String> = support::guest_host::domains(&host)
+    assert_eq!(domains_in(&host, ns), Vec::<String>::new());
+}
+
+/// The domains of namespace `ns` on `host` (other tests' guests share the bed's libvirtd).
+fn domains_in(host: &capl::libvirt::Host, ns: &str) -> Vec<String> {
+    support::guest_host::domains(host)
         .unwrap()
         .into_iter()
         .filter(|d| d.starts_with(&format!("{ns}_")))
-        .collect();
-    assert_eq!(left, Vec::<String>::new());
+        .collect()
 }
 
 /// Provisioned (with a providerID), whatever its addresses.

@@ -299,6 +299,14 @@ impl Draft {
         }
     }
 
+    /// Whether the status being built shows addresses (the last known ones included).
+    fn has_addresses(&self) -> bool {
+        self.status
+            .addresses
+            .as_ref()
+            .is_some_and(|a| !a.is_empty())
+    }
+
     /// The VM is not there (yet): `VMProvisioned` and the summary say why.
     fn waiting(&mut self, reason: &str, message: impl Into<String>) {
         self.set(cond::VM_PROVISIONED, false, reason, message);
@@ -584,12 +592,7 @@ async fn apply<B: Backend>(
         }
         Ok(_) => {
             // The guest reports none: keep the last known ones.
-            let known = draft
-                .status
-                .addresses
-                .as_ref()
-                .is_some_and(|a| !a.is_empty());
-            if known {
+            if draft.has_addresses() {
                 draft.set(
                     cond::ADDRESSES_KNOWN,
                     true,
@@ -631,11 +634,7 @@ async fn apply<B: Backend>(
             Action::requeue(ctx.settings.poll_interval)
         }
         Err(error) => {
-            let known = draft
-                .status
-                .addresses
-                .as_ref()
-                .is_some_and(|a| !a.is_empty());
+            let known = draft.has_addresses();
             draft.set(
                 cond::ADDRESSES_KNOWN,
                 known,
