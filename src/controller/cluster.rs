@@ -379,8 +379,10 @@ async fn sweep<B: Backend>(
     let Some(namespace) = object.namespace() else {
         return false;
     };
-    // An unsynced store would make every machine look deleted.
-    if ctx.machines.wait_until_ready().await.is_err() {
+    // An unsynced store would make every machine look deleted. (Not `wait_until_ready`: its
+    // readiness wakes only the latest waiter, so this reconcile could hang forever beside the
+    // machine controller's runner.)
+    if !super::synced_store(&ctx.machines).await {
         return false;
     }
     let domains = match ctx.backend.list_machines(host).await {

@@ -478,7 +478,7 @@ where
 /// Whether `store` got the apiserver's state (false: its writer is gone). Polled afresh every
 /// 50 ms: a store's readiness wakes only its latest waiter, and the controller's runner waits
 /// on it too.
-async fn synced_store<K>(store: &Store<K>) -> bool
+pub(crate) async fn synced_store<K>(store: &Store<K>) -> bool
 where
     K: Resource + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
