@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::config::{ControllerSettings, RunArgs};
 use crate::health::{self, Readiness};
-use crate::leader::Leadership;
+use crate::leader::{Leadership, Role};
 use crate::libvirt::uri::{HostUri, UriPolicy};
 use crate::libvirt::{Host, HostVersions};
 use crate::metrics::{self, Metrics};
@@ -147,6 +147,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // cannot admit would block every write of our kinds), the leadership is lost or the
     // controllers fail.
     let failure = tokio::select! {
+        biased;
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
             None
@@ -167,6 +168,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         ended = &mut controllers => {
             let error = match ended {
+                // The controllers stop because the lease was lost: say that, not their echo.
+                Ok(Ok(())) if leadership.role() == Role::Lost => {
+                    anyhow::anyhow!("leader election lost")
+                }
                 Ok(Ok(())) => anyhow::anyhow!("the controllers stopped"),
                 Ok(Err(error)) => error.context("the controllers failed"),
                 Err(error) => anyhow::anyhow!("the controllers task failed: {error}"),
