@@ -556,7 +556,7 @@ fn read_material(secret: &Secret) -> Material {
         .as_ref()
         .and_then(|a| a.get(PREVIOUS_CA_UNTIL))
         .and_then(|value| humantime::parse_rfc3339(value).ok())
-        .map(|at| at.duration_since(UNIX_EPOCH).map_or(0, |d| secs(d)));
+        .map(|at| at.duration_since(UNIX_EPOCH).map_or(0, secs));
     Material {
         trusted_pem,
         ca_cert_pem,
@@ -761,7 +761,7 @@ mod tests {
             Plan::NewServingCert
         ));
         // A shorter validity applies at once.
-        let shorter = settings(Duration::from_secs(3600));
+        let shorter = super::tests::settings(Duration::from_secs(3600));
         assert!(matches!(
             plan(&material, &shorter, now(), &[]),
             Plan::NewServingCert
