@@ -3,9 +3,9 @@
 //! Security "restricted", server-side dry runs on the bed, generated files kept current, and the
 //! cluster templates rendered by the real clusterctl.
 
-mod support;
 #[path = "support/chart.rs"]
 mod chart;
+mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -75,7 +75,8 @@ fn chart_version_follows_the_crate() {
 fn chart_crds_are_the_generated_crds() {
     let rendered = api::crd::rendered().expect("rendering CRDs");
     let dir = chart::chart_dir().join("crds");
-    let hint = "run `cargo run --bin manager -- crds --out-dir charts/cluster-api-provider-libvirt/crds`";
+    let hint =
+        "run `cargo run --bin manager -- crds --out-dir charts/cluster-api-provider-libvirt/crds`";
     if update_golden() {
         for (name, yaml) in &rendered {
             std::fs::write(dir.join(name), yaml).expect("writing a chart CRD");
@@ -91,7 +92,10 @@ fn chart_crds_are_the_generated_crds() {
         let in_chart = std::fs::read_to_string(dir.join(name)).expect("chart CRD");
         let in_repo = std::fs::read_to_string(chart::repo().join("crds").join(name)).expect("CRD");
         assert!(in_chart == *yaml, "chart crds/{name} is stale; {hint}");
-        assert!(in_chart == in_repo, "chart crds/{name} differs from crds/{name}");
+        assert!(
+            in_chart == in_repo,
+            "chart crds/{name} differs from crds/{name}"
+        );
     }
 }
 
@@ -161,8 +165,14 @@ fn the_schema_rejects_bad_values_naming_them() {
     let tools = tools();
     // (--set argument, what the error must name)
     let cases: &[(&str, &str)] = &[
-        ("unknownKey=1", "additional properties 'unknownKey' not allowed"),
-        ("image.unknown=x", "additional properties 'unknown' not allowed"),
+        (
+            "unknownKey=1",
+            "additional properties 'unknownKey' not allowed",
+        ),
+        (
+            "image.unknown=x",
+            "additional properties 'unknown' not allowed",
+        ),
         ("replicaCount=-1", "/replicaCount"),
         ("replicaCount=0", "/replicaCount"),
         ("replicaCount=two", "/replicaCount"),
@@ -172,11 +182,17 @@ fn the_schema_rejects_bad_values_naming_them() {
         ("image.digest=sha256:xyz", "/image/digest"),
         ("image.repository=Bad Repo", "/image/repository"),
         ("manager.logFormat=xml", "/manager/logFormat"),
-        ("manager.libvirtMachineConcurrency=0", "/manager/libvirtMachineConcurrency"),
+        (
+            "manager.libvirtMachineConcurrency=0",
+            "/manager/libvirtMachineConcurrency",
+        ),
         ("manager.kubeApiQps=0", "/manager/kubeApiQps"),
         ("manager.syncPeriod=soon", "/manager/syncPeriod"),
         ("manager.extraArgs[0]=rm -rf", "/manager/extraArgs/0"),
-        ("manager.leaderElection.enabled=maybe", "/manager/leaderElection/enabled"),
+        (
+            "manager.leaderElection.enabled=maybe",
+            "/manager/leaderElection/enabled",
+        ),
         ("webhook.port=70000", "/webhook/port"),
         ("metrics.port=0", "/metrics/port"),
         ("podAntiAffinity=always", "/podAntiAffinity"),
@@ -221,16 +237,22 @@ fn rbac_is_exact_and_has_no_wildcards() {
                 let list = |key: &str| -> Vec<String> {
                     rule[key]
                         .as_array()
-                        .map(|a| a.iter().map(|v| v.as_str().expect("str").to_owned()).collect())
+                        .map(|a| {
+                            a.iter()
+                                .map(|v| v.as_str().expect("str").to_owned())
+                                .collect()
+                        })
                         .unwrap_or_default()
                 };
                 let names = list("resourceNames");
                 for group in list("apiGroups") {
                     for resource in list("resources") {
                         for verb in list("verbs") {
-                            for name in names.iter().map(|n| Some(n.clone())).chain(
-                                names.is_empty().then_some(None),
-                            ) {
+                            for name in names
+                                .iter()
+                                .map(|n| Some(n.clone()))
+                                .chain(names.is_empty().then_some(None))
+                            {
                                 out.insert((group.clone(), resource.clone(), verb.clone(), name));
                             }
                         }
@@ -254,13 +276,38 @@ fn rbac_is_exact_and_has_no_wildcards() {
     };
     let infra = "infrastructure.cluster.x-k8s.io";
     let mut cluster_wide = BTreeSet::new();
-    cluster_wide.extend(expand(infra, &["libvirtmachines", "libvirtclusters"], &["get", "list", "watch", "patch"], None));
-    cluster_wide.extend(expand(infra, &["libvirtmachines/status", "libvirtclusters/status"], &["patch"], None));
-    cluster_wide.extend(expand("cluster.x-k8s.io", &["machines", "clusters"], &["get", "list", "watch"], None));
+    cluster_wide.extend(expand(
+        infra,
+        &["libvirtmachines", "libvirtclusters"],
+        &["get", "list", "watch", "patch"],
+        None,
+    ));
+    cluster_wide.extend(expand(
+        infra,
+        &["libvirtmachines/status", "libvirtclusters/status"],
+        &["patch"],
+        None,
+    ));
+    cluster_wide.extend(expand(
+        "cluster.x-k8s.io",
+        &["machines", "clusters"],
+        &["get", "list", "watch"],
+        None,
+    ));
     cluster_wide.extend(expand("", &["secrets"], &["get"], None));
-    cluster_wide.extend(expand("events.k8s.io", &["events"], &["create", "patch"], None));
+    cluster_wide.extend(expand(
+        "events.k8s.io",
+        &["events"],
+        &["create", "patch"],
+        None,
+    ));
     let mut namespaced = BTreeSet::new();
-    namespaced.extend(expand("coordination.k8s.io", &["leases"], &["create"], None));
+    namespaced.extend(expand(
+        "coordination.k8s.io",
+        &["leases"],
+        &["create"],
+        None,
+    ));
     namespaced.extend(expand(
         "coordination.k8s.io",
         &["leases"],
@@ -277,7 +324,10 @@ fn rbac_is_exact_and_has_no_wildcards() {
     let config = "capl-cluster-api-provider-libvirt-webhook-configuration";
     cluster_wide.extend(expand(
         "admissionregistration.k8s.io",
-        &["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
+        &[
+            "mutatingwebhookconfigurations",
+            "validatingwebhookconfigurations",
+        ],
         &["get", "list", "watch", "update", "patch"],
         Some(config),
     ));
@@ -299,7 +349,10 @@ fn rbac_is_exact_and_has_no_wildcards() {
     let sa = one(&objects, "ServiceAccount")["metadata"]["name"].clone();
     for kind in ["ClusterRoleBinding", "RoleBinding"] {
         let binding = one(&objects, kind);
-        assert_eq!(binding["subjects"], json!([{"kind": "ServiceAccount", "name": sa, "namespace": chart::NAMESPACE}]));
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": sa, "namespace": chart::NAMESPACE}])
+        );
     }
 }
 
@@ -334,7 +387,10 @@ fn chart_webhooks_match_the_generator() {
                 "capl-cluster-api-provider-libvirt-webhook-configuration"
             );
             let text = serde_json::to_string(&config).expect("json");
-            assert!(!text.contains("caBundle"), "the chart must not template caBundle");
+            assert!(
+                !text.contains("caBundle"),
+                "the chart must not template caBundle"
+            );
             assert_eq!(normalized(config), normalized(expected.clone()), "{kind}");
         }
     }
@@ -355,21 +411,35 @@ fn both_certificate_modes_render_as_documented() {
     for flag in self_managed {
         assert!(args.contains(&flag.to_owned()), "{flag} missing: {args:?}");
     }
-    for flag in ["--leader-elect", "--leader-election-namespace=$(POD_NAMESPACE)", "--health-probe-bind-address=:9440", "--metrics-bind-address=:8080", "--webhook-port=9443"] {
+    for flag in [
+        "--leader-elect",
+        "--leader-election-namespace=$(POD_NAMESPACE)",
+        "--health-probe-bind-address=:9440",
+        "--metrics-bind-address=:8080",
+        "--webhook-port=9443",
+    ] {
         assert!(args.contains(&flag.to_owned()), "{flag} missing: {args:?}");
     }
     assert!(of_kind(&objects, "Certificate").is_empty());
     assert!(of_kind(&objects, "Issuer").is_empty());
     let pod = &one(&objects, "Deployment")["spec"]["template"]["spec"];
     assert_eq!(pod["volumes"], json!([{"name": "tmp", "emptyDir": {}}]));
-    for kind in ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"] {
+    for kind in [
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+    ] {
         assert!(one(&objects, kind)["metadata"].get("annotations").is_none());
     }
 
     // cert-manager: Issuers, Certificates, the mounted Secret, CA injection; no self-managed flags.
     let objects = render(&["--set", "certManager.enabled=true"]);
     let args = args_of(&objects);
-    assert!(!args.iter().any(|a| a.starts_with("--webhook-cert-secret") || a.starts_with("--webhook-service") || a.starts_with("--webhook-configuration")), "{args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--webhook-cert-secret")
+            || a.starts_with("--webhook-service")
+            || a.starts_with("--webhook-configuration")),
+        "{args:?}"
+    );
     assert_eq!(of_kind(&objects, "Issuer").len(), 2);
     let certificates = of_kind(&objects, "Certificate");
     assert_eq!(certificates.len(), 2);
@@ -400,7 +470,10 @@ fn both_certificate_modes_render_as_documented() {
         .find(|m| m["name"] == "webhook-cert")
         .expect("certificate mount");
     assert_eq!(mount["mountPath"], "/tmp/k8s-webhook-server/serving-certs");
-    for kind in ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"] {
+    for kind in [
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+    ] {
         assert_eq!(
             one(&objects, kind)["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
             "capl-system/capl-cluster-api-provider-libvirt-serving-cert"
@@ -412,20 +485,38 @@ fn both_certificate_modes_render_as_documented() {
 fn optional_objects_and_libvirt_mounts_render_when_asked() {
     let objects = render(&[]);
     for kind in ["ServiceMonitor", "NetworkPolicy", "ConfigMap", "Namespace"] {
-        assert!(of_kind(&objects, kind).is_empty(), "{kind} rendered by default");
+        assert!(
+            of_kind(&objects, kind).is_empty(),
+            "{kind} rendered by default"
+        );
     }
-    assert_eq!(one(&objects, "PodDisruptionBudget")["spec"]["minAvailable"], 1);
+    assert_eq!(
+        one(&objects, "PodDisruptionBudget")["spec"]["minAvailable"],
+        1
+    );
     let service = one(&objects, "Service");
-    assert_eq!(service["spec"]["ports"][0], json!({"name": "webhook", "port": 443, "targetPort": "webhook-server", "protocol": "TCP"}));
+    assert_eq!(
+        service["spec"]["ports"][0],
+        json!({"name": "webhook", "port": 443, "targetPort": "webhook-server", "protocol": "TCP"})
+    );
 
     let objects = render(&[
         "--set",
         "metrics.serviceMonitor.enabled=true,networkPolicy.enabled=true,libvirt.knownHosts.enabled=true,libvirt.knownHosts.content=hv1 ssh-ed25519 AAAA,libvirt.socket.enabled=true,manager.allowTestDriver=true,replicaCount=1,manager.extraArgs[0]=--kube-api-qps=50",
     ]);
-    assert_eq!(one(&objects, "ServiceMonitor")["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(
+        one(&objects, "ServiceMonitor")["spec"]["endpoints"][0]["port"],
+        "metrics"
+    );
     one(&objects, "NetworkPolicy");
-    assert!(of_kind(&objects, "PodDisruptionBudget").is_empty(), "no PDB for one replica");
-    assert_eq!(one(&objects, "ConfigMap")["data"]["known_hosts"], "hv1 ssh-ed25519 AAAA");
+    assert!(
+        of_kind(&objects, "PodDisruptionBudget").is_empty(),
+        "no PDB for one replica"
+    );
+    assert_eq!(
+        one(&objects, "ConfigMap")["data"]["known_hosts"],
+        "hv1 ssh-ed25519 AAAA"
+    );
     let args = args_of(&objects);
     assert!(args.contains(&"--allow-test-driver".to_owned()));
     assert_eq!(args.last().map(String::as_str), Some("--kube-api-qps=50"));
@@ -436,7 +527,10 @@ fn optional_objects_and_libvirt_mounts_render_when_asked() {
         .iter()
         .map(|m| m["mountPath"].as_str().expect("path"))
         .collect();
-    assert!(mounts.contains(&"/home/nonroot/.ssh/known_hosts"), "{mounts:?}");
+    assert!(
+        mounts.contains(&"/home/nonroot/.ssh/known_hosts"),
+        "{mounts:?}"
+    );
     assert!(mounts.contains(&"/var/run/libvirt"), "{mounts:?}");
 }
 
@@ -458,7 +552,8 @@ fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
 }
 
 fn list(objects: &[Value]) -> String {
-    serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": objects})).expect("json")
+    serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": objects}))
+        .expect("json")
 }
 
 /// Creates `namespace` (idempotently) with Pod Security "restricted" enforced and warned.
@@ -475,16 +570,31 @@ fn rendered_chart_passes_server_side_dry_run_on_the_bed() {
     support::shared().install_provider_crds();
     for (namespace, set) in [
         ("capl-dry-run", &[][..]),
-        ("capl-dry-run-options", &["--set", "networkPolicy.enabled=true,libvirt.knownHosts.enabled=true,libvirt.knownHosts.content=hv1 ssh-ed25519 AAAA,priorityClassName=,manager.extraEnv[0].name=HTTPS_PROXY,manager.extraEnv[0].value=http://proxy:3128"][..]),
+        (
+            "capl-dry-run-options",
+            &[
+                "--set",
+                "networkPolicy.enabled=true,libvirt.knownHosts.enabled=true,libvirt.knownHosts.content=hv1 ssh-ed25519 AAAA,priorityClassName=,manager.extraEnv[0].name=HTTPS_PROXY,manager.extraEnv[0].value=http://proxy:3128",
+            ][..],
+        ),
     ] {
         restricted_namespace(namespace);
         let yaml = chart::helm(
             &tools().helm,
-            &["template", "capl", &chart::chart_dir().to_string_lossy(), "--namespace", namespace],
+            &[
+                "template",
+                "capl",
+                &chart::chart_dir().to_string_lossy(),
+                "--namespace",
+                namespace,
+            ],
         )
         .expect("helm template");
         let objects = docs(&yaml);
-        let out = kubectl_ok(&["apply", "--dry-run=server", "-f", "-"], Some(&list(&objects)));
+        let out = kubectl_ok(
+            &["apply", "--dry-run=server", "-f", "-"],
+            Some(&list(&objects)),
+        );
         assert!(!out.contains("Warning"), "warnings: {out}");
         assert!(out.contains("deployment.apps/capl-cluster-api-provider-libvirt-controller-manager created (server dry run)"), "{out}");
     }
@@ -513,23 +623,38 @@ fn the_manager_pod_meets_pod_security_restricted() {
     // The Deployment: no Pod Security warning.
     let mut deployment = one(&objects, "Deployment").clone();
     deployment["metadata"]["namespace"] = json!(namespace);
-    let out = kubectl_ok(&["apply", "--dry-run=server", "-f", "-"], Some(&deployment.to_string()));
+    let out = kubectl_ok(
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&deployment.to_string()),
+    );
     assert!(!out.contains("violate PodSecurity"), "{out}");
     // Its pod, created (dry run) where "restricted" is enforced: admitted.
-    let out = kubectl_ok(&["create", "--dry-run=server", "-f", "-"], Some(&pod_of(&objects).to_string()));
+    let out = kubectl_ok(
+        &["create", "--dry-run=server", "-f", "-"],
+        Some(&pod_of(&objects).to_string()),
+    );
     assert!(out.contains("created (server dry run)"), "{out}");
     // Control: the same pod with the libvirt socket (a hostPath) is refused, so enforcement is on.
     let objects = render(&["--set", "libvirt.socket.enabled=true"]);
-    let out = support::shared().kubectl_stdin(&["create", "--dry-run=server", "-f", "-"], &pod_of(&objects).to_string());
+    let out = support::shared().kubectl_stdin(
+        &["create", "--dry-run=server", "-f", "-"],
+        &pod_of(&objects).to_string(),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("violates PodSecurity \"restricted:latest\"") && stderr.contains("hostPath"), "{stderr}");
+    assert!(
+        !out.status.success()
+            && stderr.contains("violates PodSecurity \"restricted:latest\"")
+            && stderr.contains("hostPath"),
+        "{stderr}"
+    );
 }
 
 // ---------------------------------------------------------------- deploy/
 
 #[test]
 fn components_follow_the_clusterctl_rules() {
-    let text = std::fs::read_to_string(chart::repo().join("deploy/infrastructure-components.yaml")).expect("components");
+    let text = std::fs::read_to_string(chart::repo().join("deploy/infrastructure-components.yaml"))
+        .expect("components");
     let objects = docs(&text);
     let namespaces = of_kind(&objects, "Namespace");
     assert_eq!(namespaces.len(), 1, "exactly one Namespace");
@@ -537,26 +662,57 @@ fn components_follow_the_clusterctl_rules() {
     assert_eq!(of_kind(&objects, "CustomResourceDefinition").len(), 4);
     for object in &objects {
         let labels = &object["metadata"]["labels"];
-        assert_eq!(labels["cluster.x-k8s.io/provider"], "infrastructure-libvirt", "{}", object["metadata"]["name"]);
-        assert!(labels.get("app.kubernetes.io/managed-by").is_none(), "Helm labels in {}", object["metadata"]["name"]);
+        assert_eq!(
+            labels["cluster.x-k8s.io/provider"], "infrastructure-libvirt",
+            "{}",
+            object["metadata"]["name"]
+        );
+        assert!(
+            labels.get("app.kubernetes.io/managed-by").is_none(),
+            "Helm labels in {}",
+            object["metadata"]["name"]
+        );
         if let Some(ns) = object["metadata"]["namespace"].as_str() {
             assert_eq!(ns, "capl-system");
         }
     }
     let deployment = one(&objects, "Deployment");
     assert_eq!(deployment["metadata"]["name"], "capl-controller-manager");
-    assert_eq!(deployment["spec"]["template"]["spec"]["containers"][0]["name"], "manager");
-    for variable in ["${CAPL_IMAGE:=", "${CAPL_LOG_LEVEL:=info}", "${CAPL_LIBVIRTMACHINE_CONCURRENCY:=10}", "${CAPL_WATCH_FILTER:=}", "${CAPL_LIBVIRT_URI:=}"] {
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["name"],
+        "manager"
+    );
+    for variable in [
+        "${CAPL_IMAGE:=",
+        "${CAPL_LOG_LEVEL:=info}",
+        "${CAPL_LIBVIRTMACHINE_CONCURRENCY:=10}",
+        "${CAPL_KUBE_API_QPS:=20}",
+    ] {
         assert!(text.contains(variable), "{variable} missing");
     }
     assert!(!text.contains("caBundle"));
-    let metadata: Value = serde_yaml::from_str(&std::fs::read_to_string(chart::repo().join("deploy/metadata.yaml")).expect("metadata")).expect("yaml");
-    assert_eq!(metadata["apiVersion"], "clusterctl.cluster.x-k8s.io/v1alpha3");
+    // clusterctl takes `${VAR:=}` for a variable without default (that must be set).
+    assert!(!text.contains(":=}"), "an empty default");
+    let metadata: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(chart::repo().join("deploy/metadata.yaml")).expect("metadata"),
+    )
+    .expect("yaml");
+    assert_eq!(
+        metadata["apiVersion"],
+        "clusterctl.cluster.x-k8s.io/v1alpha3"
+    );
     let (major, minor) = {
-        let mut parts = env!("CARGO_PKG_VERSION").split('.').map(|p| p.parse::<i64>().expect("number"));
+        let mut parts = env!("CARGO_PKG_VERSION")
+            .split('.')
+            .map(|p| p.parse::<i64>().expect("number"));
         (parts.next().expect("major"), parts.next().expect("minor"))
     };
-    assert!(metadata["releaseSeries"].as_array().expect("series").contains(&json!({"major": major, "minor": minor, "contract": "v1beta2"})));
+    assert!(
+        metadata["releaseSeries"]
+            .as_array()
+            .expect("series")
+            .contains(&json!({"major": major, "minor": minor, "contract": "v1beta2"}))
+    );
 }
 
 /// `clusterctl generate cluster` from a template file, with the variables a user sets.
@@ -567,26 +723,44 @@ fn clusterctl_generate(template: &Path, namespace: &str, extra_env: &[(&str, &st
     std::fs::write(&config, "providers: []\n").expect("config");
     let mut cmd = std::process::Command::new(&tools.clusterctl);
     cmd.args([
-        "generate", "cluster", "demo",
-        "--from", &template.to_string_lossy(),
-        "--config", &config.to_string_lossy(),
-        "--target-namespace", namespace,
-        "--kubernetes-version", "v1.33.4",
-        "--control-plane-machine-count", "3",
-        "--worker-machine-count", "2",
+        "generate",
+        "cluster",
+        "demo",
+        "--from",
+        &template.to_string_lossy(),
+        "--config",
+        &config.to_string_lossy(),
+        "--target-namespace",
+        namespace,
+        "--kubernetes-version",
+        "v1.33.4",
+        "--control-plane-machine-count",
+        "3",
+        "--worker-machine-count",
+        "2",
     ])
     .env("HOME", dir.path())
     .env("XDG_CONFIG_HOME", dir.path())
     .env("KUBECONFIG", &support::shared().kubeconfig)
     .env("CONTROL_PLANE_ENDPOINT_IP", "10.213.9.5")
     .env("LIBVIRT_URI", "qemu+ssh://capl@hv1.example.com/system")
-    .env("LIBVIRT_IMAGE_URL", "https://images.example.com/ubuntu-2404-kube-v1.33.4.qcow2")
-    .env("LIBVIRT_IMAGE_SHA256", "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef");
+    .env(
+        "LIBVIRT_IMAGE_URL",
+        "https://images.example.com/ubuntu-2404-kube-v1.33.4.qcow2",
+    )
+    .env(
+        "LIBVIRT_IMAGE_SHA256",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    );
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("clusterctl");
-    assert!(out.status.success(), "clusterctl generate cluster: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "clusterctl generate cluster: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
@@ -596,7 +770,10 @@ fn clusterctl_generate(template: &Path, namespace: &str, extra_env: &[(&str, &st
 fn install_kubeadm_crds() {
     let src = tools().capi_src;
     let mut crds = Vec::new();
-    for dir in ["bootstrap/kubeadm/config/crd/bases", "controlplane/kubeadm/config/crd/bases"] {
+    for dir in [
+        "bootstrap/kubeadm/config/crd/bases",
+        "controlplane/kubeadm/config/crd/bases",
+    ] {
         for entry in std::fs::read_dir(src.join(dir)).expect("CRD dir") {
             let path = entry.expect("entry").path();
             for mut crd in support::capi::read_yaml_docs(&path).expect("CRD") {
@@ -607,8 +784,31 @@ fn install_kubeadm_crds() {
             }
         }
     }
-    kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", "-"], Some(&list(&crds)));
-    kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/kubeadmcontrolplanes.controlplane.cluster.x-k8s.io", "crd/kubeadmconfigtemplates.bootstrap.cluster.x-k8s.io"], None);
+    kubectl_ok(
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        Some(&list(&crds)),
+    );
+    // `kubectl wait` fails at once while a new CRD has no conditions yet: retry.
+    let bed = support::shared();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = bed.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/kubeadmcontrolplanes.controlplane.cluster.x-k8s.io",
+            "crd/kubeadmconfigtemplates.bootstrap.cluster.x-k8s.io",
+        ]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kubeadm CRDs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// The provider's webhooks on the bed: the `manager` binary serving them on loopback, and the
@@ -631,11 +831,23 @@ fn provider_webhooks() {
         let (proc, _) = bed.start_manager(
             "chart-webhooks",
             env!("CARGO_BIN_EXE_manager"),
-            &["--webhook-host=127.0.0.1".into(), format!("--webhook-port={port}"), format!("--webhook-cert-dir={}", cert_dir.display())],
+            &[
+                "--webhook-host=127.0.0.1".into(),
+                format!("--webhook-port={port}"),
+                format!("--webhook-cert-dir={}", cert_dir.display()),
+            ],
         );
-        let manifests = configs::render(&Target::Url(format!("https://127.0.0.1:{port}")), Some(plane.ca.cert_pem.as_bytes())).expect("render");
+        let manifests = configs::render(
+            &Target::Url(format!("https://127.0.0.1:{port}")),
+            Some(plane.ca.cert_pem.as_bytes()),
+        )
+        .expect("render");
         let out = bed.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &manifests);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         proc
     });
 }
@@ -650,35 +862,85 @@ fn cluster_templates_render_with_clusterctl_and_pass_server_dry_run() {
     bed.capi();
     install_kubeadm_crds();
     provider_webhooks();
-    for (file, namespace) in [("cluster-template.yaml", "capl-template"), ("cluster-template-kube-vip.yaml", "capl-template-kube-vip")] {
+    for (file, namespace) in [
+        ("cluster-template.yaml", "capl-template"),
+        ("cluster-template-kube-vip.yaml", "capl-template-kube-vip"),
+    ] {
         let rendered = clusterctl_generate(&template_path(file), namespace, &[]);
-        assert!(!rendered.contains("${"), "{file}: an unset variable: {rendered}");
+        assert!(
+            !rendered.contains("${"),
+            "{file}: an unset variable: {rendered}"
+        );
+        let raw = std::fs::read_to_string(template_path(file)).expect("template");
+        assert!(
+            !raw.contains(":=}"),
+            "{file}: clusterctl takes `${{VAR:=}}` as required"
+        );
         let objects = docs(&rendered);
-        let kinds: BTreeSet<&str> = objects.iter().map(|o| o["kind"].as_str().expect("kind")).collect();
-        for kind in ["Cluster", "LibvirtCluster", "KubeadmControlPlane", "LibvirtMachineTemplate", "MachineDeployment", "KubeadmConfigTemplate"] {
+        let kinds: BTreeSet<&str> = objects
+            .iter()
+            .map(|o| o["kind"].as_str().expect("kind"))
+            .collect();
+        for kind in [
+            "Cluster",
+            "LibvirtCluster",
+            "KubeadmControlPlane",
+            "LibvirtMachineTemplate",
+            "MachineDeployment",
+            "KubeadmConfigTemplate",
+        ] {
             assert!(kinds.contains(kind), "{file}: no {kind}");
         }
         let kcp = one(&objects, "KubeadmControlPlane");
         assert_eq!(kcp["spec"]["replicas"], 3, "{file}");
         assert_eq!(kcp["spec"]["version"], "v1.33.4", "{file}");
-        assert_eq!(one(&objects, "MachineDeployment")["spec"]["replicas"], 2, "{file}");
-        assert_eq!(one(&objects, "LibvirtCluster")["spec"]["controlPlaneEndpoint"]["host"], "10.213.9.5");
+        assert_eq!(
+            one(&objects, "MachineDeployment")["spec"]["replicas"],
+            2,
+            "{file}"
+        );
+        assert_eq!(
+            one(&objects, "LibvirtCluster")["spec"]["controlPlaneEndpoint"]["host"],
+            "10.213.9.5"
+        );
         // Nodes match Machines: kubelet's provider-id is the seed's provider-id (libvirt://<uuid>).
         for (kind, pointer) in [
-            ("KubeadmControlPlane", "/spec/kubeadmConfigSpec/initConfiguration/nodeRegistration/kubeletExtraArgs"),
-            ("KubeadmControlPlane", "/spec/kubeadmConfigSpec/joinConfiguration/nodeRegistration/kubeletExtraArgs"),
-            ("KubeadmConfigTemplate", "/spec/template/spec/joinConfiguration/nodeRegistration/kubeletExtraArgs"),
+            (
+                "KubeadmControlPlane",
+                "/spec/kubeadmConfigSpec/initConfiguration/nodeRegistration/kubeletExtraArgs",
+            ),
+            (
+                "KubeadmControlPlane",
+                "/spec/kubeadmConfigSpec/joinConfiguration/nodeRegistration/kubeletExtraArgs",
+            ),
+            (
+                "KubeadmConfigTemplate",
+                "/spec/template/spec/joinConfiguration/nodeRegistration/kubeletExtraArgs",
+            ),
         ] {
-            let args = one(&objects, kind).pointer(pointer).unwrap_or_else(|| panic!("{file}: {kind} {pointer}"));
-            assert!(args.as_array().expect("list").contains(&json!({"name": "provider-id", "value": "{{ ds.meta_data.provider_id }}"})), "{file}: {kind}: {args}");
+            let args = one(&objects, kind)
+                .pointer(pointer)
+                .unwrap_or_else(|| panic!("{file}: {kind} {pointer}"));
+            assert!(
+                args.as_array().expect("list").contains(
+                    &json!({"name": "provider-id", "value": "{{ ds.meta_data.provider_id }}"})
+                ),
+                "{file}: {kind}: {args}"
+            );
         }
         kubectl_ok(&["create", "namespace", namespace], None);
         let out = kubectl_ok(&["apply", "--dry-run=server", "-f", "-"], Some(&rendered));
-        assert!(out.contains("cluster.cluster.x-k8s.io/demo created (server dry run)"), "{out}");
+        assert!(
+            out.contains("cluster.cluster.x-k8s.io/demo created (server dry run)"),
+            "{out}"
+        );
         assert!(out.contains("libvirtmachinetemplate.infrastructure.cluster.x-k8s.io/demo-control-plane created (server dry run)"), "{out}");
     }
     // The kube-vip flavor runs kube-vip as a static pod announcing the endpoint.
     let rendered = clusterctl_generate(&template_path("cluster-template-kube-vip.yaml"), "x", &[]);
     assert!(rendered.contains("/etc/kubernetes/manifests/kube-vip.yaml"));
-    assert!(rendered.contains("value: 10.213.9.5"), "the VIP in kube-vip's manifest");
+    assert!(
+        rendered.contains("value: 10.213.9.5"),
+        "the VIP in kube-vip's manifest"
+    );
 }

@@ -83,14 +83,22 @@ pub fn cert_manager_manifests(helm_bin: &Path) -> Result<String> {
 // ---------------------------------------------------------------- deploy/
 
 /// clusterctl variables in the components: each rendered literal (which must occur exactly once)
-/// becomes a `${VAR:=default}`. Values whose chart default renders nothing are set to a
-/// placeholder in `deploy/values.yaml` and replaced by a variable with an empty default.
+/// becomes a `${VAR:=default}`. Only values with a non-empty default: clusterctl treats
+/// `${VAR:=}` as a variable without default, which must be set (its yamlprocessor).
 pub fn component_variables() -> Vec<(String, String)> {
-    let image = format!("ghcr.io/cluster-api-provider-libvirt/manager:{}", env!("CARGO_PKG_VERSION"));
-    let mut variables = vec![
-        (format!("image: \"{image}\""), format!("image: \"${{CAPL_IMAGE:={image}}}\"")),
-    ];
-    variables.extend(COMPONENT_FLAGS.iter().map(|(a, b)| (a.to_string(), b.to_string())));
+    let image = format!(
+        "ghcr.io/cluster-api-provider-libvirt/manager:{}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let mut variables = vec![(
+        format!("image: \"{image}\""),
+        format!("image: \"${{CAPL_IMAGE:={image}}}\""),
+    )];
+    variables.extend(
+        COMPONENT_FLAGS
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string())),
+    );
     variables
 }
 
@@ -109,12 +117,18 @@ const COMPONENT_FLAGS: &[(&str, &str)] = &[
         "--libvirtcluster-concurrency=10",
         "--libvirtcluster-concurrency=${CAPL_LIBVIRTCLUSTER_CONCURRENCY:=10}",
     ),
-    ("--kube-api-qps=20", "--kube-api-qps=${CAPL_KUBE_API_QPS:=20}"),
+    (
+        "--kube-api-qps=20",
+        "--kube-api-qps=${CAPL_KUBE_API_QPS:=20}",
+    ),
     (
         "--kube-api-burst=30",
         "--kube-api-burst=${CAPL_KUBE_API_BURST:=30}",
     ),
-    ("--sync-period=10m", "--sync-period=${CAPL_SYNC_PERIOD:=10m}"),
+    (
+        "--sync-period=10m",
+        "--sync-period=${CAPL_SYNC_PERIOD:=10m}",
+    ),
     (
         "--guest-shutdown-timeout=60s",
         "--guest-shutdown-timeout=${CAPL_GUEST_SHUTDOWN_TIMEOUT:=60s}",
@@ -122,18 +136,6 @@ const COMPONENT_FLAGS: &[(&str, &str)] = &[
     (
         "--guest-address-timeout=10m",
         "--guest-address-timeout=${CAPL_GUEST_ADDRESS_TIMEOUT:=10m}",
-    ),
-    (
-        "--namespace=capl-placeholder-watch-namespace",
-        "--namespace=${CAPL_WATCH_NAMESPACE:=}",
-    ),
-    (
-        "--watch-filter=capl-placeholder-watch-filter",
-        "--watch-filter=${CAPL_WATCH_FILTER:=}",
-    ),
-    (
-        "--libvirt-uri=capl-placeholder:///libvirt-uri",
-        "--libvirt-uri=${CAPL_LIBVIRT_URI:=}",
     ),
 ];
 
@@ -149,9 +151,6 @@ pub fn infrastructure_components(helm_bin: &Path) -> Result<String> {
             bail!("the rendered components hold {literal:?} {found} times (expected once)");
         }
         body = body.replace(&literal, &variable);
-    }
-    if body.contains("capl-placeholder") {
-        bail!("a placeholder of deploy/values.yaml has no variable in component_variables()");
     }
     Ok(format!(
         "# clusterctl components of cluster-api-provider-libvirt, generated from\n\
@@ -398,8 +397,9 @@ fn schema_paths(node: &Value, prefix: &str) -> Vec<String> {
 /// The chart's README from the files on disk.
 pub fn readme_from_disk() -> Result<String> {
     let values = std::fs::read_to_string(chart_dir().join("values.yaml"))?;
-    let schema: Value =
-        serde_json::from_str(&std::fs::read_to_string(chart_dir().join("values.schema.json"))?)?;
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(
+        chart_dir().join("values.schema.json"),
+    )?)?;
     readme(&values, &schema)
 }
 
