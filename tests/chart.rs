@@ -944,3 +944,224 @@ fn cluster_templates_render_with_clusterctl_and_pass_server_dry_run() {
         "the VIP in kube-vip's manifest"
     );
 }
+
+// ---------------------------------------------------------------- clusterctl init, offline
+
+/// Minimal cert-manager CRDs (Issuer, Certificate; any content). cert-manager cannot run on a bed
+/// without a node; clusterctl only needs its API to accept its test Issuer and Certificate to
+/// take cert-manager for installed (`EnsureInstalled` → `waitForAPIReady`).
+fn cert_manager_api() -> Value {
+    let crd = |kind: &str, plural: &str| {
+        json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("{plural}.cert-manager.io")},
+            "spec": {"group": "cert-manager.io", "scope": "Namespaced",
+                "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
+                "versions": [{"name": "v1", "served": true, "storage": true,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}
+        })
+    };
+    json!({"apiVersion": "v1", "kind": "List", "items": [crd("Issuer", "issuers"), crd("Certificate", "certificates")]})
+}
+
+#[test]
+fn clusterctl_init_from_a_local_repository_installs_the_components() {
+    // A bed of its own: clusterctl writes the webhook configurations (pointing at a Service
+    // without endpoints), which would deny the other tests' objects on the shared bed.
+    let bed = support::TestBed::start().expect("a second bed");
+    let kubectl = |args: &[&str], stdin: Option<&str>| {
+        let out = match stdin {
+            Some(s) => bed.kubectl_stdin(args, s),
+            None => bed.kubectl(args),
+        };
+        assert!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let wait_established = |crd: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !bed
+            .kubectl(&["wait", "--for=condition=Established", "--timeout=30s", crd])
+            .status
+            .success()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{crd} not Established"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let tools = tools();
+
+    // The local repository: this provider from deploy/, the core provider's metadata.yaml (its
+    // contract) from the CAPI module.
+    let dir = bed.test_dir("clusterctl-init");
+    let version = format!("v{}", env!("CARGO_PKG_VERSION"));
+    let ours = dir.join("repo/infrastructure-libvirt").join(&version);
+    std::fs::create_dir_all(&ours).expect("repo dir");
+    for file in [
+        "infrastructure-components.yaml",
+        "metadata.yaml",
+        "cluster-template.yaml",
+        "cluster-template-kube-vip.yaml",
+    ] {
+        std::fs::copy(chart::repo().join("deploy").join(file), ours.join(file)).expect("copy");
+    }
+    let core_version = &tools.versions.cluster_api;
+    let core = dir.join("repo/cluster-api").join(core_version);
+    std::fs::create_dir_all(&core).expect("core dir");
+    std::fs::copy(
+        tools.capi_src.join("metadata.yaml"),
+        core.join("metadata.yaml"),
+    )
+    .expect("metadata");
+    std::fs::write(core.join("core-components.yaml"), "").expect("core components");
+    let config = dir.join("clusterctl.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "providers:\n  - name: cluster-api\n    type: CoreProvider\n    url: file://{}/core-components.yaml\n  - name: libvirt\n    type: InfrastructureProvider\n    url: file://{}/infrastructure-components.yaml\n",
+            core.display(),
+            ours.display()
+        ),
+    )
+    .expect("config");
+
+    // What a management cluster already has: the inventory with the core provider (clusterctl
+    // installs core, kubeadm bootstrap and control plane on a "first run", i.e. without one),
+    // and cert-manager's API.
+    kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            &tools
+                .capi_src
+                .join("cmd/clusterctl/config/manifest/clusterctl-api.yaml")
+                .to_string_lossy(),
+        ],
+        None,
+    );
+    wait_established("crd/providers.clusterctl.cluster.x-k8s.io");
+    kubectl(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&cert_manager_api().to_string()),
+    );
+    wait_established("crd/issuers.cert-manager.io");
+    wait_established("crd/certificates.cert-manager.io");
+    kubectl(&["create", "namespace", "capi-system"], None);
+    let core_provider = json!({
+        "apiVersion": "clusterctl.cluster.x-k8s.io/v1alpha3", "kind": "Provider",
+        "metadata": {"name": "cluster-api", "namespace": "capi-system",
+                     "labels": {"clusterctl.cluster.x-k8s.io": "", "cluster.x-k8s.io/provider": "cluster-api"}},
+        "providerName": "cluster-api", "type": "CoreProvider", "version": core_version,
+    });
+    kubectl(&["apply", "-f", "-"], Some(&core_provider.to_string()));
+
+    let home = dir.join("home");
+    let out = std::process::Command::new(&tools.clusterctl)
+        .args([
+            "init",
+            "--infrastructure",
+            &format!("libvirt:{version}"),
+            "--config",
+            &config.to_string_lossy(),
+            "--kubeconfig",
+            &bed.kubeconfig.to_string_lossy(),
+        ])
+        .env("HOME", &home)
+        .env("XDG_CONFIG_HOME", &home)
+        .env("CLUSTERCTL_DISABLE_VERSIONCHECK", "true")
+        .output()
+        .expect("clusterctl");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "clusterctl init: {log}");
+    assert!(
+        log.contains("Skipping installing cert-manager as it is already installed"),
+        "{log}"
+    );
+
+    // The inventory records this provider; its objects exist, labelled by clusterctl.
+    let provider: Value = serde_json::from_str(&kubectl(
+        &[
+            "get",
+            "providers.clusterctl.cluster.x-k8s.io",
+            "-n",
+            "capl-system",
+            "infrastructure-libvirt",
+            "-o",
+            "json",
+        ],
+        None,
+    ))
+    .expect("json");
+    assert_eq!(provider["type"], "InfrastructureProvider");
+    assert_eq!(provider["providerName"], "libvirt");
+    assert_eq!(provider["version"], version.as_str());
+    let deployment: Value = serde_json::from_str(&kubectl(
+        &[
+            "get",
+            "deployment",
+            "-n",
+            "capl-system",
+            "capl-controller-manager",
+            "-o",
+            "json",
+        ],
+        None,
+    ))
+    .expect("json");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["name"],
+        "manager"
+    );
+    assert_eq!(
+        deployment["metadata"]["labels"]["clusterctl.cluster.x-k8s.io"],
+        ""
+    );
+    let crds = kubectl(
+        &[
+            "get",
+            "crd",
+            "-l",
+            "cluster.x-k8s.io/provider=infrastructure-libvirt",
+            "-o",
+            "name",
+        ],
+        None,
+    );
+    assert_eq!(crds.lines().count(), 4, "{crds}");
+    for kind in [
+        "mutatingwebhookconfiguration",
+        "validatingwebhookconfiguration",
+    ] {
+        let config: Value = serde_json::from_str(&kubectl(
+            &["get", kind, "capl-webhook-configuration", "-o", "json"],
+            None,
+        ))
+        .expect("json");
+        assert_eq!(
+            config["webhooks"][0]["clientConfig"]["service"]["namespace"],
+            "capl-system"
+        );
+    }
+    for (kind, name) in [
+        ("serviceaccount", "capl-manager"),
+        ("service", "capl-webhook-service"),
+        ("role", "capl-manager"),
+        ("poddisruptionbudget", "capl-controller-manager"),
+    ] {
+        kubectl(&["get", kind, "-n", "capl-system", name], None);
+    }
+    kubectl(&["get", "clusterrole", "capl-manager"], None);
+    bed.shutdown();
+}
