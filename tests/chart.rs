@@ -568,8 +568,32 @@ fn restricted_namespace(namespace: &str) {
 #[test]
 fn rendered_chart_passes_server_side_dry_run_on_the_bed() {
     support::shared().install_provider_crds();
+    // cert-manager's API (CRDs only: cert-manager itself needs a node) for the Issuers and
+    // Certificates of certManager.enabled=true.
+    kubectl_ok(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&cert_manager_api().to_string()),
+    );
+    for crd in [
+        "crd/issuers.cert-manager.io",
+        "crd/certificates.cert-manager.io",
+    ] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !support::shared()
+            .kubectl(&["wait", "--for=condition=Established", "--timeout=30s", crd])
+            .status
+            .success()
+        {
+            assert!(std::time::Instant::now() < deadline, "{crd}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
     for (namespace, set) in [
         ("capl-dry-run", &[][..]),
+        (
+            "capl-dry-run-cert-manager",
+            &["--set", "certManager.enabled=true"][..],
+        ),
         (
             "capl-dry-run-options",
             &[
@@ -579,23 +603,22 @@ fn rendered_chart_passes_server_side_dry_run_on_the_bed() {
         ),
     ] {
         restricted_namespace(namespace);
-        let yaml = chart::helm(
-            &tools().helm,
-            &[
-                "template",
-                "capl",
-                &chart::chart_dir().to_string_lossy(),
-                "--namespace",
-                namespace,
-            ],
-        )
-        .expect("helm template");
+        let chart_dir = chart::chart_dir();
+        let chart_dir = chart_dir.to_string_lossy();
+        let mut args = vec!["template", "capl", &*chart_dir, "--namespace", namespace];
+        args.extend_from_slice(set);
+        let yaml = chart::helm(&tools().helm, &args).expect("helm template");
         let objects = docs(&yaml);
         let out = kubectl_ok(
             &["apply", "--dry-run=server", "-f", "-"],
             Some(&list(&objects)),
         );
         assert!(!out.contains("Warning"), "warnings: {out}");
+        assert_eq!(
+            out.matches("created (server dry run)").count(),
+            objects.len(),
+            "every object: {out}"
+        );
         assert!(out.contains("deployment.apps/capl-cluster-api-provider-libvirt-controller-manager created (server dry run)"), "{out}");
     }
 }
