@@ -1188,3 +1188,174 @@ fn clusterctl_init_from_a_local_repository_installs_the_components() {
     kubectl(&["get", "clusterrole", "capl-manager"], None);
     bed.shutdown();
 }
+
+// ---------------------------------------------------------------- RBAC is enough
+
+/// Polls `probe` every 200 ms for up to 60 s.
+fn wait_for(what: &str, context: &dyn Fn() -> String, mut probe: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !probe() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            context()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_chart_rbac_is_enough_for_the_manager() {
+    // A bed of its own, with the Cluster API core: the manager runs as the chart's
+    // ServiceAccount (impersonated) on the test driver, and nothing else's webhooks interfere.
+    let bed = support::TestBed::start().expect("a bed");
+    bed.capi();
+    bed.install_provider_crds();
+    let get_json = |args: &[&str]| -> Option<Value> {
+        let out = bed.kubectl(args);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("json"))
+    };
+    let apply = |objects: &[Value]| {
+        let out = bed.kubectl_stdin(&["apply", "-f", "-"], &list(objects));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let release_ns = "capl-rbac";
+    let ns = "rbac-workload";
+    for name in [release_ns, ns] {
+        assert!(bed.kubectl(&["create", "namespace", name]).status.success());
+    }
+    // The chart's ServiceAccount and RBAC (cert-manager mode: the self-managed certificate's
+    // flags are not in this manager yet).
+    let chart_dir = chart::chart_dir();
+    let yaml = chart::helm(
+        &tools().helm,
+        &[
+            "template",
+            "capl",
+            &chart_dir.to_string_lossy(),
+            "--namespace",
+            release_ns,
+            "--set",
+            "certManager.enabled=true",
+        ],
+    )
+    .expect("helm template");
+    let objects = docs(&yaml);
+    let rbac: Vec<Value> = objects
+        .iter()
+        .filter(|o| {
+            [
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+            ]
+            .contains(&o["kind"].as_str().unwrap_or_default())
+        })
+        .cloned()
+        .collect();
+    assert_eq!(rbac.len(), 5);
+    apply(&rbac);
+    let args = args_of(&objects);
+    let lease = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--leader-election-id="))
+        .expect("lease id")
+        .to_owned();
+
+    // A kubeconfig that acts as the ServiceAccount.
+    let dir = bed.test_dir("rbac");
+    let mut kubeconfig: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&bed.kubeconfig).expect("kubeconfig"))
+            .expect("yaml");
+    let sa = one(&objects, "ServiceAccount")["metadata"]["name"]
+        .as_str()
+        .expect("sa")
+        .to_owned();
+    for user in kubeconfig["users"].as_array_mut().expect("users") {
+        user["user"]["as"] = json!(format!("system:serviceaccount:{release_ns}:{sa}"));
+    }
+    let impersonating = dir.join("kubeconfig");
+    std::fs::write(
+        &impersonating,
+        serde_yaml::to_string(&kubeconfig).expect("yaml"),
+    )
+    .expect("write");
+
+    // The manager with the chart's arguments that matter here (leader election on the chart's
+    // Lease, events, controllers), reconciling a cluster and a machine on the test driver.
+    let log_path = dir.join("manager.log");
+    let (proc, _) = bed.start_manager(
+        "rbac",
+        env!("CARGO_BIN_EXE_manager"),
+        &[
+            format!("--kubeconfig={}", impersonating.display()),
+            "--leader-elect".into(),
+            format!("--leader-election-namespace={release_ns}"),
+            format!("--leader-election-id={lease}"),
+            "--allow-test-driver".into(),
+            "--webhook-port=0".into(),
+        ],
+    );
+    apply(&[
+        json!({"apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Cluster", "metadata": {"name": "c", "namespace": ns},
+               "spec": {"infrastructureRef": {"apiGroup": "infrastructure.cluster.x-k8s.io", "kind": "LibvirtCluster", "name": "c"}}}),
+        json!({"apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha1", "kind": "LibvirtCluster",
+               "metadata": {"name": "c", "namespace": ns, "labels": {"cluster.x-k8s.io/cluster-name": "c"}},
+               "spec": {"hosts": [{"name": "a", "uri": "test:///default"}], "storagePool": "default-pool"}}),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "m-bootstrap", "namespace": ns},
+               "stringData": {"value": "#cloud-config\n", "format": "cloud-config"}}),
+        json!({"apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Machine",
+               "metadata": {"name": "m", "namespace": ns, "labels": {"cluster.x-k8s.io/cluster-name": "c"}},
+               "spec": {"clusterName": "c", "bootstrap": {"dataSecretName": "m-bootstrap"},
+                        "infrastructureRef": {"apiGroup": "infrastructure.cluster.x-k8s.io", "kind": "LibvirtMachine", "name": "m"}}}),
+        json!({"apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha1", "kind": "LibvirtMachine",
+               "metadata": {"name": "m", "namespace": ns, "labels": {"cluster.x-k8s.io/cluster-name": "c"}},
+               "spec": {"vcpus": 1, "memoryMiB": 512, "image": {"volume": {"pool": "default-pool", "name": "missing.qcow2"}}, "rootVolume": {"sizeGiB": 1}}}),
+    ]);
+    // The Lease (create, get, update), the cluster's finalizer and status (patch, status patch,
+    // Cluster get/watch), the machine's identity (patch; Machine, Secret get) and its status.
+    let context = || {
+        format!(
+            "the manager's log:\n{}\nthe objects:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default(),
+            String::from_utf8_lossy(&bed.kubectl(&["get", "-n", ns, "machines.cluster.x-k8s.io,libvirtmachines,clusters.cluster.x-k8s.io,libvirtclusters", "-o", "yaml"]).stdout)
+        )
+    };
+    wait_for("the Lease", &context, || {
+        get_json(&["get", "lease", "-n", release_ns, &lease, "-o", "json"]).is_some_and(|l| {
+            l["spec"]["holderIdentity"]
+                .as_str()
+                .is_some_and(|h| !h.is_empty())
+        })
+    });
+    wait_for("the LibvirtCluster provisioned", &context, || {
+        get_json(&["get", "libvirtcluster", "-n", ns, "c", "-o", "json"]).is_some_and(|c| {
+            c["status"]["initialization"]["provisioned"] == true
+                && c["metadata"]["finalizers"].is_array()
+        })
+    });
+    wait_for("the LibvirtMachine's identity and status", &context, || {
+        get_json(&["get", "libvirtmachine", "-n", ns, "m", "-o", "json"]).is_some_and(|m| {
+            m["spec"]["domainUUID"].is_string() && m["status"]["conditions"].is_array()
+        })
+    });
+    wait_for("an Event", &context, || {
+        get_json(&["get", "events.events.k8s.io", "-n", ns, "-o", "json"])
+            .is_some_and(|e| e["items"].as_array().is_some_and(|i| !i.is_empty()))
+    });
+    let log = std::fs::read_to_string(&log_path).expect("log");
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "a request was forbidden:\n{log}"
+    );
+    drop(proc);
+    bed.shutdown();
+}
