@@ -568,15 +568,22 @@ fn restricted_namespace(namespace: &str) {
 #[test]
 fn rendered_chart_passes_server_side_dry_run_on_the_bed() {
     support::shared().install_provider_crds();
-    // cert-manager's API (CRDs only: cert-manager itself needs a node) for the Issuers and
-    // Certificates of certManager.enabled=true.
+    // The APIs of cert-manager (Issuers and Certificates of certManager.enabled=true) and of the
+    // Prometheus operator (ServiceMonitor), CRDs only: neither runs without a node.
+    let mut apis = cert_manager_api();
+    apis["items"].as_array_mut().expect("items").push(open_crd(
+        "monitoring.coreos.com",
+        "ServiceMonitor",
+        "servicemonitors",
+    ));
     kubectl_ok(
         &["apply", "--server-side", "-f", "-"],
-        Some(&cert_manager_api().to_string()),
+        Some(&apis.to_string()),
     );
     for crd in [
         "crd/issuers.cert-manager.io",
         "crd/certificates.cert-manager.io",
+        "crd/servicemonitors.monitoring.coreos.com",
     ] {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while !support::shared()
@@ -592,7 +599,10 @@ fn rendered_chart_passes_server_side_dry_run_on_the_bed() {
         ("capl-dry-run", &[][..]),
         (
             "capl-dry-run-cert-manager",
-            &["--set", "certManager.enabled=true"][..],
+            &[
+                "--set",
+                "certManager.enabled=true,metrics.serviceMonitor.enabled=true",
+            ][..],
         ),
         (
             "capl-dry-run-options",
@@ -974,17 +984,22 @@ fn cluster_templates_render_with_clusterctl_and_pass_server_dry_run() {
 /// without a node; clusterctl only needs its API to accept its test Issuer and Certificate to
 /// take cert-manager for installed (`EnsureInstalled` → `waitForAPIReady`).
 fn cert_manager_api() -> Value {
-    let crd = |kind: &str, plural: &str| {
-        json!({
-            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "metadata": {"name": format!("{plural}.cert-manager.io")},
-            "spec": {"group": "cert-manager.io", "scope": "Namespaced",
-                "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
-                "versions": [{"name": "v1", "served": true, "storage": true,
-                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}
-        })
-    };
-    json!({"apiVersion": "v1", "kind": "List", "items": [crd("Issuer", "issuers"), crd("Certificate", "certificates")]})
+    json!({"apiVersion": "v1", "kind": "List", "items": [
+        open_crd("cert-manager.io", "Issuer", "issuers"),
+        open_crd("cert-manager.io", "Certificate", "certificates"),
+    ]})
+}
+
+/// A namespaced v1 CRD that accepts any content (the API of a component that cannot run here).
+fn open_crd(group: &str, kind: &str, plural: &str) -> Value {
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("{plural}.{group}")},
+        "spec": {"group": group, "scope": "Namespaced",
+            "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}
+    })
 }
 
 #[test]
