@@ -1245,8 +1245,7 @@ fn the_chart_rbac_is_enough_for_the_manager() {
     for name in [release_ns, ns] {
         assert!(bed.kubectl(&["create", "namespace", name]).status.success());
     }
-    // The chart's ServiceAccount and RBAC (cert-manager mode: the self-managed certificate's
-    // flags are not in this manager yet).
+    // The chart's ServiceAccount and RBAC, in the default (self-managed certificate) mode.
     let chart_dir = chart::chart_dir();
     let yaml = chart::helm(
         &tools().helm,
@@ -1256,8 +1255,6 @@ fn the_chart_rbac_is_enough_for_the_manager() {
             &chart_dir.to_string_lossy(),
             "--namespace",
             release_ns,
-            "--set",
-            "certManager.enabled=true",
         ],
     )
     .expect("helm template");
@@ -1307,18 +1304,33 @@ fn the_chart_rbac_is_enough_for_the_manager() {
     // The manager with the chart's arguments that matter here (leader election on the chart's
     // Lease, events, controllers), reconciling a cluster and a machine on the test driver.
     let log_path = dir.join("manager.log");
-    let (proc, _) = bed.start_manager(
-        "rbac",
-        env!("CARGO_BIN_EXE_manager"),
-        &[
-            format!("--kubeconfig={}", impersonating.display()),
-            "--leader-elect".into(),
-            format!("--leader-election-namespace={release_ns}"),
-            format!("--leader-election-id={lease}"),
-            "--allow-test-driver".into(),
-            "--webhook-port=0".into(),
-        ],
-    );
+    // The self-managed certificate: the chart's empty Secret, the manager's flags as the chart
+    // passes them (the pod's namespace spelled out).
+    apply(&[one(&objects, "Secret").clone()]);
+    let certificate_args: Vec<String> = args
+        .iter()
+        .filter(|a| {
+            a.starts_with("--webhook-cert-secret")
+                || a.starts_with("--webhook-service-")
+                || a.starts_with("--webhook-configuration-name=")
+        })
+        .map(|a| a.replace("$(POD_NAMESPACE)", release_ns))
+        .collect();
+    assert_eq!(certificate_args.len(), 5, "{args:?}");
+    let mut manager_args = vec![
+        format!("--kubeconfig={}", impersonating.display()),
+        "--leader-elect".into(),
+        format!("--leader-election-namespace={release_ns}"),
+        format!("--leader-election-id={lease}"),
+        "--allow-test-driver".into(),
+        format!(
+            "--webhook-port={}",
+            support::apiserver::free_port().expect("port")
+        ),
+        "--webhook-host=127.0.0.1".into(),
+    ];
+    manager_args.extend(certificate_args);
+    let (proc, _) = bed.start_manager("rbac", env!("CARGO_BIN_EXE_manager"), &manager_args);
     apply(&[
         json!({"apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Cluster", "metadata": {"name": "c", "namespace": ns},
                "spec": {"infrastructureRef": {"apiGroup": "infrastructure.cluster.x-k8s.io", "kind": "LibvirtCluster", "name": "c"}}}),
@@ -1366,6 +1378,48 @@ fn the_chart_rbac_is_enough_for_the_manager() {
         get_json(&["get", "events.events.k8s.io", "-n", ns, "-o", "json"])
             .is_some_and(|e| e["items"].as_array().is_some_and(|i| !i.is_empty()))
     });
+    // The certificate's Secret (get, watch, update), then the webhook configurations once they
+    // exist (get, watch, patch). They are removed before anything else is admitted: their
+    // Service has no endpoints here.
+    let secret = one(&objects, "Secret")["metadata"]["name"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    wait_for("the certificate in its Secret", &context, || {
+        get_json(&["get", "secret", "-n", release_ns, &secret, "-o", "json"])
+            .is_some_and(|s| s["data"]["tls.crt"].is_string() && s["data"]["ca.crt"].is_string())
+    });
+    let configurations: Vec<Value> = objects
+        .iter()
+        .filter(|o| {
+            o["kind"]
+                .as_str()
+                .is_some_and(|k| k.ends_with("WebhookConfiguration"))
+        })
+        .cloned()
+        .collect();
+    assert_eq!(configurations.len(), 2);
+    apply(&configurations);
+    let injected = |kind: &str, name: &str| {
+        get_json(&["get", kind, name, "-o", "json"]).is_some_and(|c| {
+            c["webhooks"]
+                .as_array()
+                .is_some_and(|w| w.iter().all(|w| w["clientConfig"]["caBundle"].is_string()))
+        })
+    };
+    wait_for("the CA in both configurations", &context, || {
+        configurations.iter().all(|c| {
+            injected(
+                &c["kind"].as_str().unwrap_or_default().to_lowercase(),
+                c["metadata"]["name"].as_str().unwrap_or_default(),
+            )
+        })
+    });
+    for c in &configurations {
+        let kind = c["kind"].as_str().unwrap_or_default().to_lowercase();
+        let name = c["metadata"]["name"].as_str().unwrap_or_default();
+        assert!(bed.kubectl(&["delete", &kind, name]).status.success());
+    }
     let log = std::fs::read_to_string(&log_path).expect("log");
     assert!(
         !log.to_lowercase().contains("forbidden"),
