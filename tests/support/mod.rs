@@ -11,6 +11,7 @@ pub mod capi_objects;
 pub mod certs;
 pub mod guest_host;
 pub mod libvirtd;
+pub mod oci;
 pub mod process;
 pub mod tools;
 
