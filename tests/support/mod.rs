@@ -10,7 +10,9 @@ pub mod capi;
 pub mod capi_objects;
 pub mod certs;
 pub mod guest_host;
+pub mod image;
 pub mod libvirtd;
+pub mod oci;
 pub mod process;
 pub mod tools;
 
