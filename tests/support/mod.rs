@@ -17,6 +17,7 @@ pub mod certs;
 pub mod guest_host;
 pub mod libvirtd;
 pub mod node;
+pub mod oci;
 pub mod process;
 pub mod tools;
 
