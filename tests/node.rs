@@ -84,12 +84,6 @@ fn import_pause_as(bed: &TestBed, reference: &str) {
     node.import_image(&archive).expect("importing the image");
 }
 
-fn pod_phase(bed: &TestBed, name: &str) -> (String, String) {
-    let pod = json(bed, &["get", "pod", name]);
-    let phase = pod["status"]["phase"].as_str().unwrap_or_default().to_owned();
-    (phase, pod["status"].to_string())
-}
-
 #[test]
 fn node_registers_ready_with_containerd_and_cgroupfs() {
     let bed = support::with_node();
@@ -142,4 +136,248 @@ fn node_registers_ready_with_containerd_and_cgroupfs() {
         .ctr(&["-n", "k8s.io", "images", "ls", "-q"])
         .expect("ctr images ls");
     assert!(images.lines().any(|l| l == node::PAUSE_IMAGE), "{images}");
+}
+
+/// Waits until the namespace's `default` ServiceAccount exists (the controller manager creates
+/// it; Pods are rejected until then).
+fn wait_default_service_account(bed: &TestBed, namespace: &str) {
+    wait_for(
+        bed,
+        "the default ServiceAccount",
+        Duration::from_secs(60),
+        || {
+            let out = bed.kubectl(&["get", "serviceaccount", "default", "-n", namespace]);
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        },
+    );
+}
+
+#[test]
+fn pods_reach_the_apiserver_through_the_service_and_the_apiserver_reaches_pods() {
+    let bed = support::with_node();
+    let image = "capl.local/node-test/probe:v1";
+    import_pause_as(bed, image);
+    let netns = bed.node().as_ref().expect("node").network.netns.clone();
+    // The node's namespace has no way out: no default route.
+    let routes = std::process::Command::new("ip")
+        .args(["-n", &netns, "route", "show", "default"])
+        .output()
+        .expect("ip route");
+    assert!(routes.status.success());
+    assert!(routes.stdout.is_empty(), "{}", String::from_utf8_lossy(&routes.stdout));
+
+    kubectl(bed, &["create", "namespace", "node-test"]);
+    wait_default_service_account(bed, "node-test");
+    kubectl_stdin(
+        bed,
+        &["apply", "-n", "node-test", "-f", "-"],
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: probe
+spec:
+  restartPolicy: Never
+  containers:
+  - name: probe
+    image: {image}
+    imagePullPolicy: Never
+    command: ["/pause", "probe", "90"]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: echo
+  labels:
+    app: echo
+spec:
+  containers:
+  - name: echo
+    image: {image}
+    imagePullPolicy: Never
+    command: ["/pause", "serve", "8080"]
+    ports:
+    - containerPort: 8080
+    readinessProbe:
+      httpGet:
+        port: 8080
+      periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+spec:
+  selector:
+    app: echo
+  ports:
+  - port: 80
+    targetPort: 8080
+"#
+        ),
+    );
+
+    // In-cluster access: the kubelet's KUBERNETES_SERVICE_* variables (the `kubernetes`
+    // Service's ClusterIP, through kube-proxy's rules), the mounted CA and the Pod's token.
+    wait_for(bed, "the probe Pod to succeed", Duration::from_secs(120), || {
+        let out = bed.kubectl(&["get", "pod", "probe", "-n", "node-test", "-o", "json"]);
+        let pod: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let phase = pod["status"]["phase"].as_str().unwrap_or_default().to_owned();
+        assert_ne!(
+            phase,
+            "Failed",
+            "the probe failed: {}{}",
+            kubectl(bed, &["logs", "probe", "-n", "node-test"]),
+            diagnostics(bed)
+        );
+        (phase == "Succeeded", pod["status"].to_string())
+    });
+    let logs = kubectl(bed, &["logs", "probe", "-n", "node-test"]);
+    let service_ip = support::apiserver::KUBERNETES_SERVICE_IP;
+    assert!(
+        logs.contains(&format!("https://{service_ip}:443/version answered")),
+        "{logs}"
+    );
+    assert!(logs.contains(&bed.tools.versions.kubernetes), "{logs}");
+
+    // The other way: the apiserver's service proxy reaches the Pod (endpoint IP on the node's
+    // bridge, through the host route); the readiness probe proves the kubelet reaches it too.
+    wait_for(bed, "the echo Pod to be Ready", Duration::from_secs(90), || {
+        let out = bed.kubectl(&[
+            "get",
+            "pod",
+            "echo",
+            "-n",
+            "node-test",
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
+        ]);
+        (out.stdout == b"True", String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    let mut answer = String::new();
+    wait_for(
+        bed,
+        "the apiserver to proxy to the echo Service",
+        Duration::from_secs(60),
+        || {
+            let out = bed.kubectl(&[
+                "get",
+                "--raw",
+                "/api/v1/namespaces/node-test/services/echo:80/proxy/",
+            ]);
+            answer = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.success(), answer.clone())
+        },
+    );
+    assert_eq!(answer.trim(), "capl-pause echo");
+    kubectl(bed, &["delete", "namespace", "node-test", "--wait=false"]);
+}
+
+#[test]
+fn a_stopped_node_leaves_no_namespace_veth_route_mount_cgroup_or_process() {
+    let started = Instant::now();
+    let bed = TestBed::start_with_node().expect("a second bed with a node");
+    eprintln!(
+        "bed with node started in {:?} (node: {:?})",
+        started.elapsed(),
+        bed.node().as_ref().expect("node").timings
+    );
+    // A running Pod: sandbox, container, shims, the Pod's network namespace, volume mounts.
+    {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !bed
+            .kubectl(&["get", "serviceaccount", "default"])
+            .status
+            .success()
+        {
+            assert!(Instant::now() < deadline, "no default ServiceAccount");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    kubectl_stdin(
+        &bed,
+        &["apply", "-f", "-"],
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: sleeper
+spec:
+  terminationGracePeriodSeconds: 30
+  containers:
+  - name: sleeper
+    image: {}
+    imagePullPolicy: Never
+"#,
+            node::PAUSE_IMAGE
+        ),
+    );
+    wait_for(&bed, "the sleeper Pod to run", Duration::from_secs(90), || {
+        let out = bed.kubectl(&["get", "pod", "sleeper", "-o", "jsonpath={.status.phase}"]);
+        (out.stdout == b"Running", String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    let (handle, pod_cidr) = {
+        let guard = bed.node();
+        let node = guard.as_ref().expect("node");
+        (node.handle(), node.network.pod_cidr.clone())
+    };
+    let mut pids: Vec<u32> = node::namespace_pids(&handle.netns);
+    pids.extend(node::cgroup_pids(&handle.cgroup_root));
+    pids.extend(handle.processes.iter().map(|(_, pid)| *pid));
+    assert!(pids.len() >= 6, "containerd, kubelet, kube-proxy, 2 shims? {pids:?}");
+    assert!(!node::mounts_under(&handle.dir).is_empty());
+
+    let stopping = Instant::now();
+    drop(bed.node().take());
+    eprintln!("node torn down in {:?}", stopping.elapsed());
+
+    let netns = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list")
+            .stdout,
+    )
+    .expect("utf-8");
+    assert!(!netns.contains(&handle.netns), "{netns}");
+    let link = std::process::Command::new("ip")
+        .args(["link", "show", &handle.host_if])
+        .output()
+        .expect("ip link");
+    assert!(!link.status.success(), "{} is still there", handle.host_if);
+    let routes = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["-4", "route", "show"])
+            .output()
+            .expect("ip route")
+            .stdout,
+    )
+    .expect("utf-8");
+    assert!(!routes.contains(&pod_cidr), "{routes}");
+    assert_eq!(node::mounts_under(&handle.dir), Vec::<std::path::PathBuf>::new());
+    let alive: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|pid| support::process::pid_alive(*pid as libc::pid_t))
+        .collect();
+    assert!(alive.is_empty(), "still running: {alive:?}");
+    for hierarchy in ["memory", "cpu", "pids", "cpuset", "freezer", "systemd"] {
+        let cgroup = Path::new("/sys/fs/cgroup").join(hierarchy).join(&handle.cgroup_root);
+        assert!(!cgroup.exists(), "{} is still there", cgroup.display());
+    }
+    assert!(!handle.dir.exists(), "{} is still there", handle.dir.display());
+    if let Ok(links) = std::fs::read_dir("/var/log/containers") {
+        for link in links.flatten() {
+            let target = std::fs::read_link(link.path()).unwrap_or_default();
+            assert!(!target.starts_with(&handle.dir), "{}", link.path().display());
+        }
+    }
+    bed.shutdown();
 }

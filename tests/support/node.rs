@@ -362,6 +362,9 @@ state = "{state}"
 
 [plugins."io.containerd.cri.v1.runtime"]
   netns_mounts_under_state_dir = true
+  # These machines withhold CAP_SYS_RESOURCE, so no process may lower its oom_score_adj (the
+  # kubelet asks -998 for sandboxes): clamp to containerd's own instead of failing every Pod.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.cri.v1.runtime".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
@@ -1003,13 +1006,19 @@ fn remove_log_links(dir: &Path) {
 
 // ---------------------------------------------------------------- images
 
-/// Writes an OCI image archive holding `binary` as `/<file name>` (its entrypoint), tagged
-/// `reference`.
-pub fn write_image_archive(binary: &Path, reference: &str, out: &Path) -> Result<()> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/pause/mkimage.py");
-    run(Command::new("python3")
-        .arg(script)
-        .arg(binary)
-        .arg(reference)
-        .arg(out))
+/// Writes an OCI image archive (deterministic, see [`super::oci`]) holding `binary` as
+/// `/<file name>`, its entrypoint, tagged `reference`; returns the manifest digest.
+pub fn write_image_archive(binary: &Path, reference: &str, out: &Path) -> Result<String> {
+    let name = binary
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} has no file name", binary.display()))?;
+    let mut layer = super::oci::LayerBuilder::new(&format!("COPY {name} /{name}"))?;
+    layer.add_file_from(name, binary, 0o755, 0, 0)?;
+    let config = super::oci::ImageConfig {
+        entrypoint: vec![format!("/{name}")],
+        stop_signal: Some("SIGTERM".into()),
+        ..Default::default()
+    };
+    super::oci::write_archive(&[layer.build()?], &config, reference, out)
 }

@@ -14,9 +14,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use support::apiserver::ControlPlane;
+use support::apiserver::{ControlPlane, PlaneOptions};
 use support::capi::CapiCore;
 use support::libvirtd::{self, Libvirtd};
+use support::node::{self, Node, NodeHandle};
 use support::process::{self, Lifetime};
 use support::tools::{self, Tools};
 
@@ -33,6 +34,9 @@ struct State {
     capi_webhook_url: Option<String>,
     /// Serving certificate dir for a manager run against the bed (`up --provider`).
     webhook_cert_dir: Option<PathBuf>,
+    /// The node (`up --node`): everything `down` needs to remove it.
+    #[serde(default)]
+    node: Option<NodeHandle>,
 }
 
 pub(crate) fn state_dir() -> Result<PathBuf> {
@@ -78,7 +82,13 @@ fn main() -> Result<()> {
 
 fn up(flags: &[String]) -> Result<()> {
     if let Some(state) = read_state()? {
-        if state.processes.iter().all(|(_, pid)| alive(*pid)) {
+        let node_processes = state.node.iter().flat_map(|n| n.processes.iter());
+        if state
+            .processes
+            .iter()
+            .chain(node_processes)
+            .all(|(_, pid)| alive(*pid))
+        {
             eprintln!("the test bed is already up");
             return print_env(&state);
         }
@@ -86,16 +96,45 @@ fn up(flags: &[String]) -> Result<()> {
         down()?;
     }
     let flag = |name: &str| flags.iter().any(|f| f == name);
-    let (with_capi, with_libvirtd, with_provider) =
-        (flag("--capi"), flag("--libvirtd"), flag("--provider"));
+    let (with_capi, with_libvirtd, with_provider, with_node) = (
+        flag("--capi"),
+        flag("--libvirtd"),
+        flag("--provider"),
+        flag("--node"),
+    );
     let tools = Tools::locate()?;
     let dir = state_dir()?;
     std::fs::create_dir_all(&dir)?;
-    let plane = ControlPlane::start(&tools, &dir.join("control-plane"), Lifetime::Detached)?;
+    // The node's network comes first: in node mode the apiserver listens on its host side.
+    let network = if with_node {
+        Some(node::Network::create(Lifetime::Detached)?)
+    } else {
+        None
+    };
+    let options = PlaneOptions {
+        node_address: network.as_ref().map(|n| n.host_ip),
+    };
+    let plane = ControlPlane::start_with(
+        &tools,
+        &dir.join("control-plane"),
+        Lifetime::Detached,
+        &options,
+    )?;
     let mut state = State {
         kubeconfig: plane.kubeconfig.clone(),
         ..State::default()
     };
+    if let Some(network) = network {
+        let started = std::time::Instant::now();
+        let node = Node::start(&tools, &plane, network, &dir.join("node"), Lifetime::Detached)?;
+        eprintln!(
+            "node {} Ready in {:?} ({:?})",
+            node.name,
+            started.elapsed(),
+            node.timings
+        );
+        state.node = Some(node.detach());
+    }
     if with_capi {
         let capi = CapiCore::start(&tools, &plane, &dir.join("capi"), Lifetime::Detached)?;
         state.capi_webhook_url = Some(capi.webhook_url.clone());
@@ -166,6 +205,10 @@ fn print_env(state: &State) -> Result<()> {
 fn down() -> Result<()> {
     let dir = state_dir()?;
     if let Some(state) = read_state()? {
+        if let Some(handle) = &state.node {
+            eprintln!("removing node (namespace {})", handle.netns);
+            node::destroy(handle);
+        }
         if let Some(netns) = &state.libvirt_netns {
             libvirtd::destroy_namespace(netns);
         }
