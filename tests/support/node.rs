@@ -82,31 +82,44 @@ impl Network {
         };
         let netns = format!("{PREFIX}{suffix}");
         let host_if = format!("{HOST_IF_PREFIX}{suffix}");
-        let routes = ip_output(&["-4", "-o", "route", "show"])?;
-        let addrs = ip_output(&["-4", "-o", "addr", "show"])?;
-        let start = std::process::id() % SUBNETS;
-        let (host_ip, node_ip, pod_cidr) = (0..SUBNETS)
-            .map(|i| subnets((start + i) % SUBNETS))
-            .find(|(host, _, pods)| {
-                let veth_net = format!("{}/30", Ipv4Addr::from(u32::from(*host) - 1));
-                !addrs.contains(&format!(" {host}/"))
-                    && !routes.contains(&veth_net)
-                    && !routes.contains(pods.as_str())
-            })
-            .context("no free subnet for the node")?;
-        let mut network = Self {
-            netns,
-            host_if,
-            host_ip,
-            node_ip,
-            pod_cidr,
-            owned: true,
-        };
-        if let Err(e) = network.configure() {
-            network.delete();
-            return Err(e);
+        // One creation at a time in this process; another process may still take the same
+        // subnet between the check and the `ip` calls: then the next free one is tried.
+        static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _creating = CREATING.lock().unwrap_or_else(|p| p.into_inner());
+        let mut index = std::process::id() % SUBNETS;
+        let mut last_error = None;
+        for _ in 0..8 {
+            let routes = ip_output(&["-4", "-o", "route", "show"])?;
+            let addrs = ip_output(&["-4", "-o", "addr", "show"])?;
+            let (found, (host_ip, node_ip, pod_cidr)) = (0..SUBNETS)
+                .map(|i| ((index + i) % SUBNETS, subnets((index + i) % SUBNETS)))
+                .find(|(_, (host, _, pods))| {
+                    let veth_net = format!("{}/30", Ipv4Addr::from(u32::from(*host) - 1));
+                    !addrs.contains(&format!(" {host}/"))
+                        && !routes.contains(&veth_net)
+                        && !routes.contains(pods.as_str())
+                })
+                .context("no free subnet for the node")?;
+            let mut network = Self {
+                netns: netns.clone(),
+                host_if: host_if.clone(),
+                host_ip,
+                node_ip,
+                pod_cidr,
+                owned: true,
+            };
+            match network.configure() {
+                Ok(()) => return Ok(network),
+                Err(e) => {
+                    network.delete();
+                    last_error = Some(e);
+                    index = (found + 1) % SUBNETS;
+                }
+            }
         }
-        Ok(network)
+        Err(last_error
+            .unwrap_or_else(|| anyhow::anyhow!("no subnet"))
+            .context("creating the node's network"))
     }
 
     fn configure(&self) -> Result<()> {
@@ -292,8 +305,13 @@ impl Node {
         node.timings.containerd = phase.elapsed();
 
         let phase = Instant::now();
-        let archive = node.dir.join("images/pause.tar");
-        write_image_archive(&pause_bin, PAUSE_IMAGE, &archive)?;
+        // The archive is deterministic: written once beside the pause program in the tools
+        // cache (its cache key names the source), then only imported.
+        let archive =
+            pause_bin.with_file_name(format!("image-{}.tar", PAUSE_IMAGE.replace(['/', ':'], "_")));
+        if !archive.exists() {
+            write_image_archive(&pause_bin, PAUSE_IMAGE, &archive)?;
+        }
         node.import_image(&archive)?;
         node.timings.pause_image = phase.elapsed();
 
