@@ -87,9 +87,9 @@ impl ControlPlane {
                 "kubernetes.default.svc.cluster.local",
             ]);
         }
-        let serving = ca
-            .server("kube-apiserver", &sans)?
-            .write(&pki, "apiserver.crt", "apiserver.key")?;
+        let serving =
+            ca.server("kube-apiserver", &sans)?
+                .write(&pki, "apiserver.crt", "apiserver.key")?;
         let admin =
             ca.client("admin", &["system:masters"])?
                 .write(&pki, "admin.crt", "admin.key")?;
@@ -203,11 +203,8 @@ impl ControlPlane {
             );
         };
         let lifetime = self.apiserver.2;
-        let kcm_kubeconfig = self.write_kubeconfig(
-            "system:kube-controller-manager",
-            &[],
-            "controller-manager",
-        )?;
+        let kcm_kubeconfig =
+            self.write_kubeconfig("system:kube-controller-manager", &[], "controller-manager")?;
         let mut cmd = Command::new(kcm);
         cmd.arg(format!("--kubeconfig={}", kcm_kubeconfig.display()))
             .arg(format!(
@@ -220,7 +217,10 @@ impl ControlPlane {
             ))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--secure-port={}", free_port()?))
-            .arg(format!("--cert-dir={}", self.dir.join("kcm-certs").display()))
+            .arg(format!(
+                "--cert-dir={}",
+                self.dir.join("kcm-certs").display()
+            ))
             .arg("--use-service-account-credentials=true")
             .arg(format!("--root-ca-file={}", self.ca_file.display()))
             .arg(format!(
@@ -249,7 +249,10 @@ impl ControlPlane {
             ))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--secure-port={}", free_port()?))
-            .arg(format!("--cert-dir={}", self.dir.join("scheduler-certs").display()))
+            .arg(format!(
+                "--cert-dir={}",
+                self.dir.join("scheduler-certs").display()
+            ))
             .arg("--leader-elect=false")
             .arg("--v=1");
         self.procs.push(Proc::spawn(

@@ -128,7 +128,13 @@ impl Network {
         ip(&[
             "link", "add", host_if, "type", "veth", "peer", "name", NODE_IF, "netns", ns,
         ])?;
-        ip(&["addr", "add", &format!("{}/30", self.host_ip), "dev", host_if])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", self.host_ip),
+            "dev",
+            host_if,
+        ])?;
         ip(&["link", "set", host_if, "up"])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
         ip(&[
@@ -297,9 +303,15 @@ impl Node {
         let phase = Instant::now();
         let mut containerd = Command::new(containerd_dir.join("containerd"));
         containerd
-            .arg(format!("--config={}", node.dir.join("containerd.toml").display()))
+            .arg(format!(
+                "--config={}",
+                node.dir.join("containerd.toml").display()
+            ))
             // The runc shim is found on PATH.
-            .env("PATH", format!("{}:{}", containerd_dir.display(), SYSTEM_PATH));
+            .env(
+                "PATH",
+                format!("{}:{}", containerd_dir.display(), SYSTEM_PATH),
+            );
         node.spawn("containerd", containerd, lifetime)?;
         node.wait_containerd()?;
         node.timings.containerd = phase.elapsed();
@@ -307,8 +319,10 @@ impl Node {
         let phase = Instant::now();
         // The archive is deterministic: written once beside the pause program in the tools
         // cache (its cache key names the source), then only imported.
-        let archive =
-            pause_bin.with_file_name(format!("image-{}.tar", PAUSE_IMAGE.replace(['/', ':'], "_")));
+        let archive = pause_bin.with_file_name(format!(
+            "image-{}.tar",
+            PAUSE_IMAGE.replace(['/', ':'], "_")
+        ));
         if !archive.exists() {
             write_image_archive(&pause_bin, PAUSE_IMAGE, &archive)?;
         }
@@ -318,7 +332,10 @@ impl Node {
         let phase = Instant::now();
         let mut kubelet = Command::new(kubelet_bin);
         kubelet
-            .arg(format!("--config={}", node.dir.join("kubelet.yaml").display()))
+            .arg(format!(
+                "--config={}",
+                node.dir.join("kubelet.yaml").display()
+            ))
             .arg(format!(
                 "--kubeconfig={}",
                 node.dir.join("kubelet.kubeconfig").display()
@@ -956,7 +973,10 @@ fn unescape_mount_path(path: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit)
+        {
             let octal = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("0");
             out.push(u8::from_str_radix(octal, 8).unwrap_or(b'?'));
             i += 4;

@@ -126,7 +126,13 @@ fn up(flags: &[String]) -> Result<()> {
     };
     if let Some(network) = network {
         let started = std::time::Instant::now();
-        let node = Node::start(&tools, &plane, network, &dir.join("node"), Lifetime::Detached)?;
+        let node = Node::start(
+            &tools,
+            &plane,
+            network,
+            &dir.join("node"),
+            Lifetime::Detached,
+        )?;
         eprintln!(
             "node {} Ready in {:?} ({:?})",
             node.name,

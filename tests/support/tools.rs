@@ -148,10 +148,12 @@ fn pause_binary(repo: &Path, cache: &Path) -> Option<PathBuf> {
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     use std::fmt::Write;
-    sha2::Sha256::digest(bytes).iter().fold(String::new(), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .fold(String::new(), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }
 
 fn capi_module_dir(repo: &Path, versions: &Versions) -> Result<PathBuf> {
