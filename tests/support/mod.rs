@@ -290,8 +290,13 @@ impl TestBed {
     pub fn shutdown(&self) {
         drop(lock(&self.capi).take());
         drop(lock(&self.libvirtd).take());
-        drop(lock(&self.node).take());
+        // The node's agents before the apiserver (which otherwise waits out its grace period for
+        // their watches), the rest of the node after it.
+        if let Some(node) = lock(&self.node).as_mut() {
+            node.stop_agents();
+        }
         drop(lock(&self.plane).take());
+        drop(lock(&self.node).take());
         drop(lock(&self.temp).take());
     }
 }

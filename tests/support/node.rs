@@ -690,6 +690,22 @@ iptables:
         handle
     }
 
+    /// Stops the kubelet and kube-proxy only (Pods and containerd keep running): their
+    /// connections to the apiserver close while the network is still there, so an apiserver
+    /// stopped next exits at once instead of waiting out its grace period. Idempotent.
+    pub fn stop_agents(&mut self) {
+        let mut kept = Vec::new();
+        for mut proc in std::mem::take(&mut self.procs).into_iter().rev() {
+            if AGENTS.contains(&proc.name()) {
+                proc.stop(Duration::from_secs(10));
+            } else {
+                kept.push(proc);
+            }
+        }
+        kept.reverse();
+        self.procs = kept;
+    }
+
     /// Stops everything and removes every trace (see the module docs). Idempotent.
     pub fn stop(&mut self) {
         if !self.owned {
@@ -717,6 +733,18 @@ iptables:
 impl Drop for Node {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The node's processes that talk to the apiserver.
+const AGENTS: [&str; 2] = ["kube-proxy", "kubelet"];
+
+/// [`Node::stop_agents`] for a detached node (the shell face's `down`).
+pub fn stop_agents(handle: &NodeHandle) {
+    for (name, pid) in handle.processes.iter().rev() {
+        if AGENTS.contains(&name.as_str()) && libc::pid_t::try_from(*pid).is_ok_and(pid_alive) {
+            terminate(*pid, Duration::from_secs(10));
+        }
     }
 }
 

@@ -212,8 +212,7 @@ fn down() -> Result<()> {
     let dir = state_dir()?;
     if let Some(state) = read_state()? {
         if let Some(handle) = &state.node {
-            eprintln!("removing node (namespace {})", handle.netns);
-            node::destroy(handle);
+            node::stop_agents(handle);
         }
         if let Some(netns) = &state.libvirt_netns {
             libvirtd::destroy_namespace(netns);
@@ -221,6 +220,12 @@ fn down() -> Result<()> {
         for (name, pid) in state.processes.iter().rev() {
             eprintln!("stopping {name} ({pid})");
             process::terminate(*pid, Duration::from_secs(10));
+        }
+        // The kubelet and kube-proxy went first (an apiserver with their watches open waits
+        // out its grace period); the rest of the node goes after the control plane.
+        if let Some(handle) = &state.node {
+            eprintln!("removing node (namespace {})", handle.netns);
+            node::destroy(handle);
         }
     }
     if dir.exists() {
