@@ -150,6 +150,15 @@ impl TestBed {
         lock(&self.node)
     }
 
+    /// Imports an OCI image archive (e.g. from [`oci::write_archive`]) into the node's
+    /// containerd, where its kubelet finds it (use `imagePullPolicy: Never` or `IfNotPresent`).
+    pub fn import_image(&self, archive: &std::path::Path) -> Result<()> {
+        lock(&self.node)
+            .as_ref()
+            .context("this bed has no node (use support::with_node())")?
+            .import_image(archive)
+    }
+
     /// A fresh client for the calling test's runtime (clients must not cross tokio runtimes).
     pub async fn client(&self) -> kube::Client {
         let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)

@@ -205,6 +205,15 @@ fn print_env(state: &State) -> Result<()> {
     if let Some(dir) = &state.webhook_cert_dir {
         println!("export CAPL_WEBHOOK_CERT_DIR='{}'", dir.display());
     }
+    if let Some(node) = &state.node {
+        // `ctr --address "$CAPL_NODE_CONTAINERD" -n k8s.io images import <archive>` puts an
+        // image where the node's kubelet finds it.
+        println!(
+            "export CAPL_NODE_CONTAINERD='{}'",
+            node.dir.join("containerd.sock").display()
+        );
+        println!("export CAPL_NODE_NETNS='{}'", node.netns);
+    }
     Ok(())
 }
 
@@ -275,6 +284,27 @@ fn versions() -> Result<()> {
     println!(
         "cluster-api:    {}",
         first_line(Command::new(&tools.clusterctl).args(["version", "-o", "short"]))
+    );
+    let node_tool = |tool: &Option<PathBuf>, args: &[&str]| {
+        tool.as_ref().map_or_else(
+            || "not built".to_owned(),
+            |path| first_line(Command::new(path).args(args)),
+        )
+    };
+    println!(
+        "kubelet:        {}",
+        node_tool(&tools.kubelet, &["--version"])
+    );
+    println!(
+        "containerd:     {}",
+        node_tool(
+            &tools.containerd_dir.as_ref().map(|d| d.join("containerd")),
+            &["--version"]
+        )
+    );
+    println!(
+        "runc:           {}",
+        first_line(Command::new("runc").arg("--version"))
     );
     println!(
         "kubectl:        {}",
