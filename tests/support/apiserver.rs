@@ -1,7 +1,11 @@
 //! A real Kubernetes control plane on loopback: etcd + kube-apiserver, built from the pinned Go
 //! modules, with generated certificates and an admin kubeconfig.
+//!
+//! In node mode ([`PlaneOptions::node_address`]) the apiserver listens on the host side of the
+//! node's veth pair instead (so the kubelet and Pods reach it), and kube-controller-manager and
+//! kube-scheduler run beside it (so Deployments get Pods and Pods get the node).
 
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -12,10 +16,29 @@ use super::certs::{self, Ca};
 use super::process::{Lifetime, Proc, poll};
 use super::tools::Tools;
 
-/// etcd and kube-apiserver, listening on 127.0.0.1 only.
+/// How the control plane is started. The default is the plain bed: everything on 127.0.0.1, no
+/// controllers, no nodes.
+#[derive(Debug, Clone, Default)]
+pub struct PlaneOptions {
+    /// Node mode: the address the apiserver binds to and advertises (the host side of the node's
+    /// veth pair). Also keeps the `kubernetes` Service's endpoints, authorizes kubelets (Node
+    /// authorizer), reaches webhook Services through their endpoint IPs
+    /// (`--enable-aggregator-routing`), and starts kube-controller-manager and kube-scheduler.
+    pub node_address: Option<Ipv4Addr>,
+}
+
+/// The first IP of the service CIDR: the `kubernetes` Service's ClusterIP.
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
+/// The service CIDR of every bed.
+pub const SERVICE_CIDR: &str = "10.96.0.0/24";
+
+/// etcd and kube-apiserver, listening on 127.0.0.1 only (node mode: on the node's host-side
+/// address, with kube-controller-manager and kube-scheduler).
 pub struct ControlPlane {
-    /// `https://127.0.0.1:<port>`
+    /// `https://<address>:<port>`
     pub url: String,
+    /// The address the apiserver listens on (127.0.0.1 unless in node mode).
+    pub address: Ipv4Addr,
     /// Admin kubeconfig (user `admin` in group `system:masters`).
     pub kubeconfig: PathBuf,
     /// The CA every certificate of the bed chains to.
@@ -37,17 +60,36 @@ pub fn free_port() -> Result<u16> {
 impl ControlPlane {
     /// Starts etcd and kube-apiserver under `dir` and waits until `/readyz` answers.
     pub fn start(tools: &Tools, dir: &Path, lifetime: Lifetime) -> Result<Self> {
+        Self::start_with(tools, dir, lifetime, &PlaneOptions::default())
+    }
+
+    /// [`ControlPlane::start`] with options (node mode).
+    pub fn start_with(
+        tools: &Tools,
+        dir: &Path,
+        lifetime: Lifetime,
+        options: &PlaneOptions,
+    ) -> Result<Self> {
         let pki = dir.join("pki");
         std::fs::create_dir_all(&pki)?;
         let ca = Ca::new("capl-testbed-ca")?;
         let ca_file = pki.join("ca.crt");
         ca.write(&ca_file)?;
-        let serving = ca
-            .server(
-                "kube-apiserver",
-                &["127.0.0.1", "localhost", "kubernetes.default.svc"],
-            )?
-            .write(&pki, "apiserver.crt", "apiserver.key")?;
+        let address = options.node_address.unwrap_or(Ipv4Addr::LOCALHOST);
+        let address_text = address.to_string();
+        let mut sans = vec!["127.0.0.1", "localhost", "kubernetes.default.svc"];
+        if options.node_address.is_some() {
+            sans.extend([
+                address_text.as_str(),
+                KUBERNETES_SERVICE_IP,
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc.cluster.local",
+            ]);
+        }
+        let serving =
+            ca.server("kube-apiserver", &sans)?
+                .write(&pki, "apiserver.crt", "apiserver.key")?;
         let admin =
             ca.client("admin", &["system:masters"])?
                 .write(&pki, "admin.crt", "admin.key")?;
@@ -73,10 +115,10 @@ impl ControlPlane {
             .arg("--log-level=warn");
         procs.push(Proc::spawn("etcd", etcd, &dir.join("etcd.log"), lifetime)?);
 
-        let apiserver_args: Vec<String> = vec![
+        let mut apiserver_args: Vec<String> = vec![
             format!("--etcd-servers={client_url}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={address}"),
+            format!("--advertise-address={address}"),
             format!("--secure-port={secure_port}"),
             format!("--cert-dir={}", pki.display()),
             format!("--tls-cert-file={}", serving.cert.display()),
@@ -85,14 +127,36 @@ impl ControlPlane {
             format!("--service-account-key-file={}", sa_pub.display()),
             format!("--service-account-signing-key-file={}", sa_key.display()),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-            "--service-cluster-ip-range=10.96.0.0/24".into(),
-            "--authorization-mode=RBAC".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             "--allow-privileged=true".into(),
-            "--endpoint-reconciler-type=none".into(),
             "--enable-priority-and-fairness=false".into(),
             "--profiling=false".into(),
             "--v=1".into(),
         ];
+        if options.node_address.is_some() {
+            // The kubelet's own identity (system:node:<name>) is authorized by the Node
+            // authorizer; the apiserver reaches kubelets (logs, exec) with a client certificate
+            // and webhook Services through their endpoint IPs; the `kubernetes` Service keeps
+            // its endpoint (the lease reconciler is the default).
+            let kubelet_client = ca
+                .client("kube-apiserver-kubelet-client", &["system:masters"])?
+                .write(&pki, "kubelet-client.crt", "kubelet-client.key")?;
+            apiserver_args.extend([
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-aggregator-routing=true".into(),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    kubelet_client.cert.display()
+                ),
+                format!("--kubelet-client-key={}", kubelet_client.key.display()),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+            ]);
+        } else {
+            apiserver_args.extend([
+                "--authorization-mode=RBAC".into(),
+                "--endpoint-reconciler-type=none".into(),
+            ]);
+        }
         let mut apiserver = Command::new(&tools.kube_apiserver);
         apiserver.args(&apiserver_args);
         procs.push(Proc::spawn(
@@ -102,15 +166,16 @@ impl ControlPlane {
             lifetime,
         )?);
 
-        let url = format!("https://127.0.0.1:{secure_port}");
+        let url = format!("https://{address}:{secure_port}");
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(
             &kubeconfig,
-            admin_kubeconfig(&url, &ca_file, &admin.cert, &admin.key),
+            client_kubeconfig(&url, &ca_file, "admin", &admin.cert, &admin.key),
         )?;
 
         let mut plane = Self {
             url,
+            address,
             kubeconfig,
             ca,
             ca_file,
@@ -120,7 +185,108 @@ impl ControlPlane {
             apiserver: (tools.kube_apiserver.clone(), apiserver_args, lifetime),
         };
         plane.wait_ready()?;
+        if options.node_address.is_some() {
+            plane.start_controllers(tools, &sa_key)?;
+        }
         Ok(plane)
+    }
+
+    /// Node mode: kube-controller-manager (per-controller service-account credentials, as kubeadm
+    /// runs it) and kube-scheduler, on loopback ports, without leader election.
+    fn start_controllers(&mut self, tools: &Tools, sa_key: &Path) -> Result<()> {
+        let (Some(kcm), Some(scheduler)) = (
+            tools.kube_controller_manager.as_ref(),
+            tools.kube_scheduler.as_ref(),
+        ) else {
+            bail!(
+                "node mode needs kube-controller-manager and kube-scheduler; run `tests/tools/install.sh`"
+            );
+        };
+        let lifetime = self.apiserver.2;
+        let kcm_kubeconfig =
+            self.write_kubeconfig("system:kube-controller-manager", &[], "controller-manager")?;
+        let mut cmd = Command::new(kcm);
+        cmd.arg(format!("--kubeconfig={}", kcm_kubeconfig.display()))
+            .arg(format!(
+                "--authentication-kubeconfig={}",
+                kcm_kubeconfig.display()
+            ))
+            .arg(format!(
+                "--authorization-kubeconfig={}",
+                kcm_kubeconfig.display()
+            ))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={}", free_port()?))
+            .arg(format!(
+                "--cert-dir={}",
+                self.dir.join("kcm-certs").display()
+            ))
+            .arg("--use-service-account-credentials=true")
+            .arg(format!("--root-ca-file={}", self.ca_file.display()))
+            .arg(format!(
+                "--service-account-private-key-file={}",
+                sa_key.display()
+            ))
+            .arg("--leader-elect=false")
+            .arg("--v=1");
+        self.procs.push(Proc::spawn(
+            "kube-controller-manager",
+            cmd,
+            &self.dir.join("kube-controller-manager.log"),
+            lifetime,
+        )?);
+        let scheduler_kubeconfig =
+            self.write_kubeconfig("system:kube-scheduler", &[], "scheduler")?;
+        let mut cmd = Command::new(scheduler);
+        cmd.arg(format!("--kubeconfig={}", scheduler_kubeconfig.display()))
+            .arg(format!(
+                "--authentication-kubeconfig={}",
+                scheduler_kubeconfig.display()
+            ))
+            .arg(format!(
+                "--authorization-kubeconfig={}",
+                scheduler_kubeconfig.display()
+            ))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={}", free_port()?))
+            .arg(format!(
+                "--cert-dir={}",
+                self.dir.join("scheduler-certs").display()
+            ))
+            .arg("--leader-elect=false")
+            .arg("--v=1");
+        self.procs.push(Proc::spawn(
+            "kube-scheduler",
+            cmd,
+            &self.dir.join("kube-scheduler.log"),
+            lifetime,
+        )?);
+        Ok(())
+    }
+
+    /// Issues a client certificate for `user` in `groups` from the bed's CA and writes a
+    /// kubeconfig for it at `<dir>/<name>.kubeconfig` (certificate and key beside it).
+    pub fn write_kubeconfig(&self, user: &str, groups: &[&str], name: &str) -> Result<PathBuf> {
+        let pki = self.dir.join("pki");
+        let pair = self.ca.client(user, groups)?.write(
+            &pki,
+            &format!("{name}.crt"),
+            &format!("{name}.key"),
+        )?;
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        std::fs::write(
+            &path,
+            client_kubeconfig(&self.url, &self.ca_file, user, &pair.cert, &pair.key),
+        )?;
+        Ok(path)
+    }
+
+    /// Fails with the log tail of the first component that exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        for proc in &mut self.procs {
+            proc.check_running()?;
+        }
+        Ok(())
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -244,7 +410,7 @@ pub fn kubectl(
     Ok(child.wait_with_output()?)
 }
 
-fn admin_kubeconfig(server: &str, ca: &Path, cert: &Path, key: &Path) -> String {
+fn client_kubeconfig(server: &str, ca: &Path, user: &str, cert: &Path, key: &Path) -> String {
     format!(
         r#"apiVersion: v1
 kind: Config
@@ -257,11 +423,11 @@ contexts:
 - name: testbed
   context:
     cluster: testbed
-    user: admin
+    user: {user}
     namespace: default
 current-context: testbed
 users:
-- name: admin
+- name: {user}
   user:
     client-certificate: {cert}
     client-key: {key}

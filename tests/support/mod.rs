@@ -3,6 +3,11 @@
 //! [`shared()`] starts etcd + kube-apiserver once per test binary; the CAPI core manager and the
 //! real libvirtd start on first use. Everything is torn down when the binary exits, whatever the
 //! tests did (see [`process`]).
+//!
+//! [`with_node()`] is the same bed with a real node (see [`node`]): the apiserver listens on the
+//! node's host-side veth address, kube-controller-manager and kube-scheduler run, and containerd,
+//! a kubelet and kube-proxy run in the node's network namespace, so Pods run (`helm install`
+//! works). A test binary uses one or the other, not both.
 #![allow(dead_code)]
 
 pub mod apiserver;
@@ -12,6 +17,7 @@ pub mod certs;
 pub mod guest_host;
 pub mod image;
 pub mod libvirtd;
+pub mod node;
 pub mod oci;
 pub mod process;
 pub mod tools;
@@ -25,6 +31,7 @@ use anyhow::{Context, Result};
 use apiserver::ControlPlane;
 use capi::CapiCore;
 use libvirtd::Libvirtd;
+use node::Node;
 use process::Lifetime;
 use tools::Tools;
 
@@ -36,6 +43,7 @@ pub struct TestBed {
     plane: Mutex<Option<ControlPlane>>,
     capi: Mutex<Option<CapiCore>>,
     libvirtd: Mutex<Option<Libvirtd>>,
+    node: Mutex<Option<Node>>,
     provider_crds: Mutex<bool>,
     temp: Mutex<Option<tempfile::TempDir>>,
 }
@@ -54,28 +62,102 @@ pub fn shared() -> &'static TestBed {
     })
 }
 
+/// The bed with a node, shared by every test of this binary, started on first use (see
+/// [`TestBed::start_with_node`]).
+pub fn with_node() -> &'static TestBed {
+    static BED: OnceLock<TestBed> = OnceLock::new();
+    BED.get_or_init(|| {
+        let bed = TestBed::start_with_node()
+            .unwrap_or_else(|e| panic!("the test bed with a node did not start: {e:#}"));
+        process::at_exit(|| {
+            if let Some(bed) = BED.get() {
+                bed.shutdown();
+            }
+        });
+        bed
+    })
+}
+
 impl TestBed {
     /// Starts etcd and kube-apiserver in a fresh temp dir.
     pub fn start() -> Result<Self> {
+        let (tools, temp) = Self::prepare()?;
+        let dir = temp.path().to_owned();
+        let plane = ControlPlane::start(&tools, &dir.join("control-plane"), Lifetime::TestProcess)?;
+        Ok(Self::assemble(tools, temp, plane, None))
+    }
+
+    /// Starts the bed with a node: the node's network namespace and veth pair, etcd and
+    /// kube-apiserver on the host-side veth address with kube-controller-manager and
+    /// kube-scheduler, then containerd, the kubelet and kube-proxy; returns once the Node is
+    /// Ready.
+    pub fn start_with_node() -> Result<Self> {
+        let (tools, temp) = Self::prepare()?;
+        let dir = temp.path().to_owned();
+        let network = node::Network::create(Lifetime::TestProcess)?;
+        let options = apiserver::PlaneOptions {
+            node_address: Some(network.host_ip),
+        };
+        let plane = ControlPlane::start_with(
+            &tools,
+            &dir.join("control-plane"),
+            Lifetime::TestProcess,
+            &options,
+        )?;
+        let node = Node::start(
+            &tools,
+            &plane,
+            network,
+            &dir.join("node"),
+            Lifetime::TestProcess,
+        )?;
+        Ok(Self::assemble(tools, temp, plane, Some(node)))
+    }
+
+    fn prepare() -> Result<(Tools, tempfile::TempDir)> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let tools = Tools::locate()?;
+        // Nodes first: their dirs hold mounts that must go before the dirs do.
+        node::sweep_stale();
         sweep_stale_dirs();
         let temp = tempfile::Builder::new()
             .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
             .tempdir()
             .context("creating the bed's temp dir")?;
-        let dir = temp.path().to_owned();
-        let plane = ControlPlane::start(&tools, &dir.join("control-plane"), Lifetime::TestProcess)?;
-        Ok(Self {
+        Ok((tools, temp))
+    }
+
+    fn assemble(
+        tools: Tools,
+        temp: tempfile::TempDir,
+        plane: ControlPlane,
+        node: Option<Node>,
+    ) -> Self {
+        Self {
             kubeconfig: plane.kubeconfig.clone(),
             tools,
-            dir,
+            dir: temp.path().to_owned(),
             plane: Mutex::new(Some(plane)),
             capi: Mutex::new(None),
             libvirtd: Mutex::new(None),
+            node: Mutex::new(node),
             provider_crds: Mutex::new(false),
             temp: Mutex::new(Some(temp)),
-        })
+        }
+    }
+
+    /// The node (`None` unless the bed was started with one).
+    pub fn node(&self) -> MutexGuard<'_, Option<Node>> {
+        lock(&self.node)
+    }
+
+    /// Imports an OCI image archive (e.g. from [`oci::write_archive`]) into the node's
+    /// containerd, where its kubelet finds it (use `imagePullPolicy: Never` or `IfNotPresent`).
+    pub fn import_image(&self, archive: &std::path::Path) -> Result<()> {
+        lock(&self.node)
+            .as_ref()
+            .context("this bed has no node (use support::with_node())")?
+            .import_image(archive)
     }
 
     /// A fresh client for the calling test's runtime (clients must not cross tokio runtimes).
@@ -213,11 +295,18 @@ impl TestBed {
         dir
     }
 
-    /// Stops everything (CAPI, libvirtd, apiserver, etcd) and removes the temp dir. Idempotent.
+    /// Stops everything (CAPI, libvirtd, the node, apiserver, etcd) and removes the temp dir.
+    /// Idempotent.
     pub fn shutdown(&self) {
         drop(lock(&self.capi).take());
         drop(lock(&self.libvirtd).take());
+        // The node's agents before the apiserver (which otherwise waits out its grace period for
+        // their watches), the rest of the node after it.
+        if let Some(node) = lock(&self.node).as_mut() {
+            node.stop_agents();
+        }
         drop(lock(&self.plane).take());
+        drop(lock(&self.node).take());
         drop(lock(&self.temp).take());
     }
 }

@@ -14,9 +14,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use support::apiserver::ControlPlane;
+use support::apiserver::{ControlPlane, PlaneOptions};
 use support::capi::CapiCore;
 use support::libvirtd::{self, Libvirtd};
+use support::node::{self, Node, NodeHandle};
 use support::process::{self, Lifetime};
 use support::tools::{self, Tools};
 
@@ -33,6 +34,9 @@ struct State {
     capi_webhook_url: Option<String>,
     /// Serving certificate dir for a manager run against the bed (`up --provider`).
     webhook_cert_dir: Option<PathBuf>,
+    /// The node (`up --node`): everything `down` needs to remove it.
+    #[serde(default)]
+    node: Option<NodeHandle>,
 }
 
 pub(crate) fn state_dir() -> Result<PathBuf> {
@@ -81,7 +85,13 @@ fn main() -> Result<()> {
 
 fn up(flags: &[String]) -> Result<()> {
     if let Some(state) = read_state()? {
-        if state.processes.iter().all(|(_, pid)| alive(*pid)) {
+        let node_processes = state.node.iter().flat_map(|n| n.processes.iter());
+        if state
+            .processes
+            .iter()
+            .chain(node_processes)
+            .all(|(_, pid)| alive(*pid))
+        {
             eprintln!("the test bed is already up");
             return print_env(&state);
         }
@@ -89,16 +99,51 @@ fn up(flags: &[String]) -> Result<()> {
         down()?;
     }
     let flag = |name: &str| flags.iter().any(|f| f == name);
-    let (with_capi, with_libvirtd, with_provider) =
-        (flag("--capi"), flag("--libvirtd"), flag("--provider"));
+    let (with_capi, with_libvirtd, with_provider, with_node) = (
+        flag("--capi"),
+        flag("--libvirtd"),
+        flag("--provider"),
+        flag("--node"),
+    );
     let tools = Tools::locate()?;
     let dir = state_dir()?;
     std::fs::create_dir_all(&dir)?;
-    let plane = ControlPlane::start(&tools, &dir.join("control-plane"), Lifetime::Detached)?;
+    // The node's network comes first: in node mode the apiserver listens on its host side.
+    let network = if with_node {
+        Some(node::Network::create(Lifetime::Detached)?)
+    } else {
+        None
+    };
+    let options = PlaneOptions {
+        node_address: network.as_ref().map(|n| n.host_ip),
+    };
+    let plane = ControlPlane::start_with(
+        &tools,
+        &dir.join("control-plane"),
+        Lifetime::Detached,
+        &options,
+    )?;
     let mut state = State {
         kubeconfig: plane.kubeconfig.clone(),
         ..State::default()
     };
+    if let Some(network) = network {
+        let started = std::time::Instant::now();
+        let node = Node::start(
+            &tools,
+            &plane,
+            network,
+            &dir.join("node"),
+            Lifetime::Detached,
+        )?;
+        eprintln!(
+            "node {} Ready in {:?} ({:?})",
+            node.name,
+            started.elapsed(),
+            node.timings
+        );
+        state.node = Some(node.detach());
+    }
     if with_capi {
         let capi = CapiCore::start(&tools, &plane, &dir.join("capi"), Lifetime::Detached)?;
         state.capi_webhook_url = Some(capi.webhook_url.clone());
@@ -163,18 +208,36 @@ fn print_env(state: &State) -> Result<()> {
     if let Some(dir) = &state.webhook_cert_dir {
         println!("export CAPL_WEBHOOK_CERT_DIR='{}'", dir.display());
     }
+    if let Some(node) = &state.node {
+        // `ctr --address "$CAPL_NODE_CONTAINERD" -n k8s.io images import <archive>` puts an
+        // image where the node's kubelet finds it.
+        println!(
+            "export CAPL_NODE_CONTAINERD='{}'",
+            node.dir.join("containerd.sock").display()
+        );
+        println!("export CAPL_NODE_NETNS='{}'", node.netns);
+    }
     Ok(())
 }
 
 fn down() -> Result<()> {
     let dir = state_dir()?;
     if let Some(state) = read_state()? {
+        if let Some(handle) = &state.node {
+            node::stop_agents(handle);
+        }
         if let Some(netns) = &state.libvirt_netns {
             libvirtd::destroy_namespace(netns);
         }
         for (name, pid) in state.processes.iter().rev() {
             eprintln!("stopping {name} ({pid})");
             process::terminate(*pid, Duration::from_secs(10));
+        }
+        // The kubelet and kube-proxy went first (an apiserver with their watches open waits
+        // out its grace period); the rest of the node goes after the control plane.
+        if let Some(handle) = &state.node {
+            eprintln!("removing node (namespace {})", handle.netns);
+            node::destroy(handle);
         }
     }
     if dir.exists() {
@@ -224,6 +287,27 @@ fn versions() -> Result<()> {
     println!(
         "cluster-api:    {}",
         first_line(Command::new(&tools.clusterctl).args(["version", "-o", "short"]))
+    );
+    let node_tool = |tool: &Option<PathBuf>, args: &[&str]| {
+        tool.as_ref().map_or_else(
+            || "not built".to_owned(),
+            |path| first_line(Command::new(path).args(args)),
+        )
+    };
+    println!(
+        "kubelet:        {}",
+        node_tool(&tools.kubelet, &["--version"])
+    );
+    println!(
+        "containerd:     {}",
+        node_tool(
+            &tools.containerd_dir.as_ref().map(|d| d.join("containerd")),
+            &["--version"]
+        )
+    );
+    println!(
+        "runc:           {}",
+        first_line(Command::new("runc").arg("--version"))
     );
     println!(
         "kubectl:        {}",

@@ -19,6 +19,7 @@ pub struct Versions {
     /// Helm v3, for the chart's compatibility checks.
     pub helm3: String,
     pub cluster_api: String,
+    pub containerd: String,
 }
 
 /// Paths of every real component the bed runs.
@@ -35,6 +36,21 @@ pub struct Tools {
     pub clusterctl: PathBuf,
     /// The `sigs.k8s.io/cluster-api` module in the Go module cache (CRDs, webhook manifests).
     pub capi_src: PathBuf,
+    /// The node's components (`None` when not built: only node mode needs them).
+    pub kubelet: Option<PathBuf>,
+    pub kube_proxy: Option<PathBuf>,
+    pub kube_controller_manager: Option<PathBuf>,
+    pub kube_scheduler: Option<PathBuf>,
+    /// Directory holding `containerd`, `containerd-shim-runc-v2` and `ctr`.
+    pub containerd_dir: Option<PathBuf>,
+    /// The bed's pause program (sandbox image and test probe).
+    pub pause: Option<PathBuf>,
+}
+
+/// Fails with how to get a node component that [`Tools::locate`] did not find.
+pub fn require<'a>(tool: &'a Option<PathBuf>, name: &str) -> Result<&'a PathBuf> {
+    tool.as_ref()
+        .with_context(|| format!("{name} is not built; {INSTALL_HINT}"))
 }
 
 const INSTALL_HINT: &str = "run `tests/tools/install.sh` (README's test command does) to build it";
@@ -55,9 +71,15 @@ impl Tools {
             helm: pin("HELM_VERSION")?,
             helm3: pin("HELM3_VERSION")?,
             cluster_api: pin("CLUSTER_API_VERSION")?,
+            containerd: pin("CONTAINERD_VERSION")?,
+        };
+        let optional = |env: &str, default: PathBuf| -> Option<PathBuf> {
+            let path = std::env::var_os(env).map(PathBuf::from).unwrap_or(default);
+            path.exists().then_some(path)
         };
         let cache = cache_dir()?.join("tools");
         let capi_dir = cache.join(format!("cluster-api-{}", versions.cluster_api));
+        let kubernetes = cache.join(format!("kubernetes-{}", versions.kubernetes));
         let tool = |env: &str, default: PathBuf| -> Result<PathBuf> {
             let path = std::env::var_os(env).map(PathBuf::from).unwrap_or(default);
             if !path.exists() {
@@ -88,6 +110,18 @@ impl Tools {
             capi_manager: tool("CAPL_CAPI_MANAGER", capi_dir.join("capi-manager"))?,
             clusterctl: tool("CAPL_CLUSTERCTL", capi_dir.join("clusterctl"))?,
             capi_src: tool("CAPL_CAPI_SRC", capi_module_dir(repo, &versions)?)?,
+            kubelet: optional("CAPL_KUBELET", kubernetes.join("kubelet")),
+            kube_proxy: optional("CAPL_KUBE_PROXY", kubernetes.join("kube-proxy")),
+            kube_controller_manager: optional(
+                "CAPL_KUBE_CONTROLLER_MANAGER",
+                kubernetes.join("kube-controller-manager"),
+            ),
+            kube_scheduler: optional("CAPL_KUBE_SCHEDULER", kubernetes.join("kube-scheduler")),
+            containerd_dir: optional(
+                "CAPL_CONTAINERD_DIR",
+                cache.join(format!("containerd-{}", versions.containerd)),
+            ),
+            pause: pause_binary(repo, &cache),
             versions,
         };
         Ok(tools)
@@ -104,6 +138,31 @@ pub fn cache_dir() -> Result<PathBuf> {
         None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),
     };
     Ok(base.join("cluster-api-provider-libvirt"))
+}
+
+/// `$CAPL_PAUSE`, or the cache entry `install.sh` builds: keyed by a hash of the program's source
+/// (`pause-<first 16 hex digits of sha256(go.mod + main.go)>`).
+fn pause_binary(repo: &Path, cache: &Path) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("CAPL_PAUSE") {
+        return Some(PathBuf::from(path)).filter(|p| p.exists());
+    }
+    let src = repo.join("tests/tools/pause");
+    let mut source = std::fs::read(src.join("go.mod")).ok()?;
+    source.extend(std::fs::read(src.join("main.go")).ok()?);
+    let digest = sha256_hex(&source);
+    let path = cache.join(format!("pause-{}", &digest[..16])).join("pause");
+    path.exists().then_some(path)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    use std::fmt::Write;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .fold(String::new(), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }
 
 fn capi_module_dir(repo: &Path, versions: &Versions) -> Result<PathBuf> {

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything the test bed needs, idempotently:
 #   - Debian packages (libvirt, QEMU, dnsmasq, iptables, iproute2, pkg-config, ...);
-#   - the real Kubernetes, etcd, Helm and Cluster API binaries, built from the Go modules pinned in
-#     versions.env into a cache outside the clone, keyed by version. A second run is a no-op.
+#   - the real Kubernetes (apiserver, and for the bed's node: kubelet, kube-proxy, controller
+#     manager, scheduler), containerd 2.x (daemon, runc shim, ctr), etcd, Helm and Cluster API
+#     binaries, and the bed's pause program, built from the Go modules pinned in versions.env
+#     (and tests/tools/pause) into a cache outside the clone, keyed by version. A second run is a
+#     no-op.
 # Prints `export CAPL_TOOLS_DIR=...` last, so `eval "$(tests/tools/install.sh)"` works;
 # progress goes to stderr.
 set -euo pipefail
@@ -22,6 +25,7 @@ apt_packages=(
 	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
 	qemu-system-x86 qemu-utils dnsmasq-base iptables iproute2 pkg-config
 	openssl ca-certificates cpio xz-utils kmod
+	runc containernetworking-plugins conntrack
 )
 
 install_apt() {
@@ -63,9 +67,9 @@ ensure_libvirt_user() {
 export GOFLAGS="${GOFLAGS:--buildvcs=false}"
 export CGO_ENABLED=0
 
-# go_build <name> <version-key> <module-dir> <package> [ldflags]
+# go_build <name> <version-key> <module-dir> <package> [ldflags] [build tags]
 go_build() {
-	local name="$1" key="$2" moddir="$3" pkg="$4" ldflags="${5:-}"
+	local name="$1" key="$2" moddir="$3" pkg="$4" ldflags="${5:-}" tags="${6:-}"
 	local out="$tools/$key/$name"
 	if [ -x "$out" ]; then
 		log "$name: cached ($key)"
@@ -74,9 +78,14 @@ go_build() {
 	log "$name: building $pkg ($key)"
 	local start=$SECONDS
 	mkdir -p "$tools/$key"
-	(cd "$here/$moddir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg")
+	(cd "$here/$moddir" && go build -trimpath -tags "$tags" -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg")
 	mv "$out.tmp" "$out"
 	log "$name: built in $((SECONDS - start))s"
+}
+
+# The pause program is ours: its cache key is a hash of its source.
+pause_key() {
+	echo "pause-$(cat "$here/pause/go.mod" "$here/pause/main.go" | sha256sum | cut -c1-16)"
 }
 
 install_go_tools() {
@@ -85,8 +94,26 @@ install_go_tools() {
 	kmaj="${KUBERNETES_VERSION#v}"; kmaj="${kmaj%%.*}"
 	kmin="$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
 	local kv=k8s.io/component-base/version
-	go_build kube-apiserver "kubernetes-$KUBERNETES_VERSION" kubernetes k8s.io/kubernetes/cmd/kube-apiserver \
-		"-X $kv.gitVersion=$KUBERNETES_VERSION -X $kv.gitMajor=$kmaj -X $kv.gitMinor=$kmin -X $kv.gitTreeState=clean"
+	local kld="-X $kv.gitVersion=$KUBERNETES_VERSION -X $kv.gitMajor=$kmaj -X $kv.gitMinor=$kmin -X $kv.gitTreeState=clean"
+	local kk="kubernetes-$KUBERNETES_VERSION"
+	go_build kube-apiserver "$kk" kubernetes k8s.io/kubernetes/cmd/kube-apiserver "$kld"
+	# The bed's node (tests/support/node.rs): a kubelet and kube-proxy, plus the controller
+	# manager and scheduler so that Deployments get Pods and Pods get the node.
+	go_build kubelet "$kk" kubernetes k8s.io/kubernetes/cmd/kubelet "$kld"
+	go_build kube-proxy "$kk" kubernetes k8s.io/kubernetes/cmd/kube-proxy "$kld"
+	go_build kube-controller-manager "$kk" kubernetes k8s.io/kubernetes/cmd/kube-controller-manager "$kld"
+	go_build kube-scheduler "$kk" kubernetes k8s.io/kubernetes/cmd/kube-scheduler "$kld"
+	# containerd 2.x (a 1.36 kubelet refuses 1.x): pure Go, without the btrfs/devmapper/zfs
+	# snapshotters (overlayfs and native remain).
+	local cdv=github.com/containerd/containerd/v2/version
+	local cdld="-X $cdv.Version=$CONTAINERD_VERSION -X $cdv.Revision=capl-pinned"
+	local cdtags="no_btrfs no_devmapper no_zfs"
+	local cdk="containerd-$CONTAINERD_VERSION"
+	go_build containerd "$cdk" containerd github.com/containerd/containerd/v2/cmd/containerd "$cdld" "$cdtags"
+	go_build containerd-shim-runc-v2 "$cdk" containerd github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2 "$cdld" "$cdtags"
+	go_build ctr "$cdk" containerd github.com/containerd/containerd/v2/cmd/ctr "$cdld" "$cdtags"
+	# The node's sandbox (pause) image and probe: keyed by the source's hash, so an edit rebuilds.
+	go_build pause "$(pause_key)" pause .
 	go_build etcd "etcd-$ETCD_VERSION" etcd go.etcd.io/etcd/server/v3
 	local cv=sigs.k8s.io/cluster-api/version
 	local cmaj cmin
@@ -143,3 +170,10 @@ echo "export CAPL_HELM='$tools/helm-$HELM_VERSION/helm'"
 echo "export CAPL_HELM3='$tools/helm-$HELM3_VERSION/helm'"
 echo "export CAPL_CAPI_DIR='$tools/cluster-api-$CLUSTER_API_VERSION'"
 echo "export CAPL_CAPI_SRC='$capi_src'"
+kdir="$tools/kubernetes-$KUBERNETES_VERSION"
+echo "export CAPL_KUBELET='$kdir/kubelet'"
+echo "export CAPL_KUBE_PROXY='$kdir/kube-proxy'"
+echo "export CAPL_KUBE_CONTROLLER_MANAGER='$kdir/kube-controller-manager'"
+echo "export CAPL_KUBE_SCHEDULER='$kdir/kube-scheduler'"
+echo "export CAPL_CONTAINERD_DIR='$tools/containerd-$CONTAINERD_VERSION'"
+echo "export CAPL_PAUSE='$tools/$(pause_key)/pause'"
