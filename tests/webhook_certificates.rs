@@ -8,8 +8,6 @@
 mod support;
 
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -211,27 +209,7 @@ fn self_managed_certificates_are_injected_renewed_and_rotated_without_a_lost_adm
     );
 
     // A stream of admissions for the rest of the test.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let stream = {
-        let (stop, ok, failed, failures) =
-            (stop.clone(), ok.clone(), failed.clone(), failures.clone());
-        std::thread::spawn(move || {
-            let good = machine("streamed", 4096);
-            while !stop.load(Ordering::Relaxed) {
-                let out = bed.kubectl_stdin(&["create", "--dry-run=server", "-f", "-"], &good);
-                if out.status.success() {
-                    ok.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut failures) = failures.lock() {
-                        failures.push(text(&out.stderr));
-                    }
-                }
-            }
-        })
-    };
+    let stream = support::admissions::Stream::start(bed, machine("streamed", 4096));
 
     // Forced renewal of the serving pair: the manager reissues it from the same CA.
     let out = bed.kubectl(&[
@@ -314,13 +292,18 @@ fn self_managed_certificates_are_injected_renewed_and_rotated_without_a_lost_adm
         by_time
     );
 
-    stop.store(true, Ordering::Relaxed);
-    stream.join().expect("stream");
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    eprintln!("admissions during renewals: {ok} allowed, {failed} failed");
+    let counted = stream.stop();
+    eprintln!(
+        "admissions during renewals: {} allowed, {} failed",
+        counted.allowed, counted.failed
+    );
     let removed = bed.kubectl_stdin(&["delete", "--ignore-not-found", "-f", "-"], &manifests);
     assert!(removed.status.success(), "{}", text(&removed.stderr));
     drop((a, b));
-    assert_eq!(failed, 0, "{:#?}", failures.lock().map(|f| f.clone()));
-    assert!(ok >= 20, "only {ok} admissions were made");
+    assert_eq!(counted.failed, 0, "{:#?}", counted.failures);
+    assert!(
+        counted.allowed >= 20,
+        "only {} admissions were made",
+        counted.allowed
+    );
 }

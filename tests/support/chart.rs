@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The chart's directory.
 pub fn chart_dir() -> PathBuf {
@@ -421,4 +421,26 @@ pub fn generated(helm_bin: &Path) -> Result<Vec<(PathBuf, String)>> {
             infrastructure_components(helm_bin)?,
         ),
     ])
+}
+
+/// Minimal cert-manager CRDs (Issuer, Certificate; any content). cert-manager cannot run on a bed
+/// without a node; clusterctl only needs its API to accept its test Issuer and Certificate to
+/// take cert-manager for installed (`EnsureInstalled` → `waitForAPIReady`).
+pub fn cert_manager_api() -> Value {
+    json!({"apiVersion": "v1", "kind": "List", "items": [
+        open_crd("cert-manager.io", "Issuer", "issuers"),
+        open_crd("cert-manager.io", "Certificate", "certificates"),
+    ]})
+}
+
+/// A namespaced v1 CRD that accepts any content (the API of a component that cannot run here).
+pub fn open_crd(group: &str, kind: &str, plural: &str) -> Value {
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("{plural}.{group}")},
+        "spec": {"group": group, "scope": "Namespaced",
+            "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}
+    })
 }

@@ -10,6 +10,7 @@
 //! works). A test binary uses one or the other, not both.
 #![allow(dead_code)]
 
+pub mod admissions;
 pub mod apiserver;
 pub mod capi;
 pub mod capi_objects;
