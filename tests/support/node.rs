@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::apiserver::{ControlPlane, SERVICE_CIDR};
+use super::apiserver::ControlPlane;
 use super::process::{Lifetime, Proc, pid_alive, poll, tail, terminate};
 use super::tools::{Tools, require};
 
@@ -383,6 +383,8 @@ impl Node {
                 r#"version = 3
 root = "{root}"
 state = "{state}"
+# Nothing from the machine's /etc/containerd (containerd 2.x imports conf.d by default).
+imports = []
 
 [grpc]
   address = "{sock}"
@@ -528,6 +530,7 @@ conntrack:
   min: 0
   tcpEstablishedTimeout: 0s
   tcpCloseWaitTimeout: 0s
+nodePortAddresses: ["primary"]
 iptables:
   localhostNodePorts: false
 "#,
@@ -535,7 +538,6 @@ iptables:
                 pod_cidr = self.network.pod_cidr,
             ),
         )?;
-        let _ = SERVICE_CIDR;
         Ok(())
     }
 
