@@ -20,6 +20,13 @@
 //! test processes that died) kills every process in the node's cgroups and namespace, removes
 //! the shims' sockets, unmounts everything under the node's dir, deletes the namespace (and with
 //! it the veth pair and the host route) and the cgroups, and removes the dir.
+//!
+//! A few paths are hard-coded in the kubelet and containerd, whatever their configuration:
+//! `/var/lib/kubelet/device-plugins/kubelet.sock` (the kubelet's device-plugin registration
+//! socket: nodes running at once take turns owning it; no device plugin is used), shim sockets in
+//! `/run/containerd/s`, CNI result caches in `/var/lib/cni/results`, container log links in
+//! `/var/log/containers`. Teardown removes this node's entries there, and, once no other node
+//! runs, the socket and those directories if empty.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
@@ -341,6 +348,10 @@ impl Node {
                 node.dir.join("kubelet.kubeconfig").display()
             ))
             .arg(format!("--root-dir={}", node.dir.join("kubelet").display()))
+            .arg(format!(
+                "--cert-dir={}",
+                node.dir.join("kubelet/pki").display()
+            ))
             .arg(format!("--hostname-override={NODE_NAME}"))
             .arg(format!("--node-ip={}", node.network.node_ip))
             .arg("--v=1")
@@ -764,11 +775,13 @@ pub fn destroy(handle: &NodeHandle) {
     kill_cgroup_tree(&handle.cgroup_root);
     kill_namespace(&handle.netns);
     remove_shim_sockets(&handle.dir.join("containerd/state"));
+    remove_cni_cache(&handle.dir);
     unmount_under(&handle.dir);
     delete_network(&handle.netns, &handle.host_if);
     remove_cgroups(&handle.cgroup_root);
     remove_log_links(&handle.dir);
     let _ = std::fs::remove_dir_all(&handle.dir);
+    remove_fixed_host_paths(&handle.netns);
 }
 
 /// Tears down nodes of test processes that died without cleaning up (SIGKILL): their
@@ -1056,6 +1069,57 @@ fn remove_shim_sockets(state: &Path) {
                 }
             }
         }
+    }
+}
+
+/// containerd's CNI library caches each sandbox's result in `/var/lib/cni/results` (not
+/// configurable); a sandbox killed at teardown never gets its CNI DEL. This node's entries name
+/// its Pods' network namespaces, which live under its dir.
+fn remove_cni_cache(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(CNI_CACHE) else {
+        return;
+    };
+    let needle = format!("\"{}/", dir.display());
+    for entry in entries.flatten() {
+        if std::fs::read_to_string(entry.path()).is_ok_and(|text| text.contains(&needle)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// libcni's cache dir, hard-coded in containerd's CRI.
+const CNI_CACHE: &str = "/var/lib/cni/results";
+/// The kubelet's device-plugin registration socket, hard-coded (`DevicePluginPath`).
+const DEVICE_PLUGIN_SOCKET: &str = "/var/lib/kubelet/device-plugins/kubelet.sock";
+
+/// The paths every kubelet and containerd use whatever their configuration: once the last node
+/// of the machine is gone (no other `capl-node-*` namespace), the kubelet's device-plugin socket
+/// goes, and the directories they created go if empty.
+fn remove_fixed_host_paths(this_netns: &str) {
+    let others = ip_output(&["netns", "list"])
+        .map(|list| {
+            list.lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .any(|name| name.starts_with(PREFIX) && name != this_netns)
+        })
+        .unwrap_or(true);
+    if others {
+        return;
+    }
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(DEVICE_PLUGIN_SOCKET).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(DEVICE_PLUGIN_SOCKET);
+    }
+    // remove_dir fails on a non-empty dir: nothing of anyone else's goes.
+    for dir in [
+        "/var/lib/kubelet/device-plugins",
+        "/var/lib/kubelet",
+        CNI_CACHE,
+        "/var/lib/cni",
+        "/run/containerd/s",
+        "/run/containerd",
+    ] {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 
