@@ -41,7 +41,55 @@ pub enum Command {
     },
 }
 
+/// A serving certificate's validity: at least a minute (renewal comes after two thirds of it).
+fn parse_cert_validity(value: &str) -> Result<std::time::Duration, String> {
+    let validity = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if validity < std::time::Duration::from_secs(60) {
+        return Err(format!("must be at least 1m, got {value}"));
+    }
+    Ok(validity)
+}
+
 impl RunArgs {
+    /// The self-managed certificate settings, when `--webhook-cert-secret` is set.
+    pub fn certificate_settings(
+        &self,
+    ) -> Result<Option<crate::webhook::certificates::Settings>, String> {
+        if self.webhook_cert_secret.is_empty() {
+            return Ok(None);
+        }
+        let namespace = self.webhook_cert_secret_namespace.clone();
+        if namespace.is_empty() {
+            return Err(
+                "--webhook-cert-secret needs --webhook-cert-secret-namespace (or $POD_NAMESPACE)"
+                    .into(),
+            );
+        }
+        let service_namespace = if self.webhook_service_namespace.is_empty() {
+            &namespace
+        } else {
+            &self.webhook_service_namespace
+        };
+        let hosts = crate::webhook::certificates::Settings::hosts_for(
+            &self.webhook_service_name,
+            service_namespace,
+            &self.webhook_cert_host,
+        );
+        if hosts.is_empty() {
+            return Err(
+                "--webhook-cert-secret needs --webhook-service-name or --webhook-cert-host (the names the certificate is for)"
+                    .into(),
+            );
+        }
+        Ok(Some(crate::webhook::certificates::Settings {
+            namespace,
+            secret: self.webhook_cert_secret.clone(),
+            hosts,
+            configuration: self.webhook_configuration_name.clone(),
+            validity: self.webhook_cert_validity,
+        }))
+    }
+
     /// Which libvirt URIs this manager accepts beyond the production transports.
     pub fn uri_policy(&self) -> crate::libvirt::uri::UriPolicy {
         crate::libvirt::uri::UriPolicy {
@@ -99,6 +147,39 @@ pub struct RunArgs {
     /// How often the serving certificate files are re-read (they are swapped in when changed).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, global = true)]
     pub webhook_cert_reload_interval: std::time::Duration,
+
+    /// Self-managed certificates: the name of a Secret in which the manager keeps its own webhook
+    /// CA and serving certificate (created, renewed and injected into the webhook configurations
+    /// by the manager; no cert-manager needed). Empty: serve the files in --webhook-cert-dir.
+    #[arg(long, default_value = "", global = true)]
+    pub webhook_cert_secret: String,
+
+    /// Namespace of --webhook-cert-secret (default: $POD_NAMESPACE, the pod's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "", global = true)]
+    pub webhook_cert_secret_namespace: String,
+
+    /// Name of the Service in front of the webhook server: the serving certificate names
+    /// `<name>.<namespace>.svc` and `<name>.<namespace>.svc.cluster.local`.
+    #[arg(long, default_value = "", global = true)]
+    pub webhook_service_name: String,
+
+    /// Namespace of --webhook-service-name (default: the Secret's namespace).
+    #[arg(long, default_value = "", global = true)]
+    pub webhook_service_namespace: String,
+
+    /// More DNS names or IP addresses for the self-managed serving certificate (comma-separated),
+    /// e.g. for a manager the apiserver reaches by URL.
+    #[arg(long, value_delimiter = ',', global = true)]
+    pub webhook_cert_host: Vec<String>,
+
+    /// Name of the Mutating- and ValidatingWebhookConfiguration the self-managed CA is injected
+    /// into (`caBundle` of every webhook). Empty: inject nothing.
+    #[arg(long, default_value = crate::webhook::configs::CONFIGURATION_NAME, global = true)]
+    pub webhook_configuration_name: String,
+
+    /// Validity of a self-managed serving certificate; it is renewed after two thirds of it.
+    #[arg(long, default_value = "8760h", value_parser = parse_cert_validity, global = true)]
+    pub webhook_cert_validity: std::time::Duration,
 
     /// Only watch objects in this namespace (all namespaces when empty).
     #[arg(long, default_value = "", global = true)]

@@ -18,6 +18,7 @@ use crate::libvirt::uri::{HostUri, UriPolicy};
 use crate::libvirt::{Host, HostVersions};
 use crate::metrics::{self, Metrics};
 use crate::webhook;
+use crate::webhook::certificates::Certificates;
 use crate::webhook::tls::{CertFiles, CertStore};
 
 /// Builds a Kubernetes client from `--kubeconfig` or the usual inference chain, paced by
@@ -73,6 +74,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let certificates = args.certificate_settings().map_err(anyhow::Error::msg)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let readiness = Readiness::default();
     readiness.set("kube-api", false);
@@ -103,7 +105,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let mut webhooks = start_webhooks(&args, &stop_rx)?;
+    // Certificates from files load before anything else (a missing file fails the start at once);
+    // self-managed ones need the Kubernetes API first.
+    let mut webhooks = match certificates {
+        None => start_webhooks(&args, None, &stop_rx)?,
+        Some(_) => None,
+    };
 
     let client = kube_client(&args).await?;
     let server = client
@@ -112,6 +119,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("reaching the Kubernetes API")?;
     tracing::info!(version = %server.git_version, "connected to the Kubernetes API");
     readiness.set("kube-api", true);
+    if let Some(settings) = certificates.filter(|_| args.webhook_port != 0) {
+        readiness.set("webhook-certificate", false);
+        let Some(certificates) =
+            Certificates::start(client.clone(), settings, shutdown_signal()).await
+        else {
+            tracing::info!("shutting down");
+            return Ok(());
+        };
+        readiness.set("webhook-certificate", true);
+        tokio::spawn(certificates.clone().run(stopped(stop_rx.clone())));
+        webhooks = start_webhooks(&args, Some(certificates.store()), &stop_rx)?;
+    }
     if !args.libvirt_uri.is_empty() {
         let host = probe_libvirt(&args.libvirt_uri, args.uri_policy()).await?;
         tracing::info!(uri = %args.libvirt_uri, %host, "connected to libvirt");
@@ -246,25 +265,34 @@ async fn run_controllers(context: ControllerContext, leadership: Leadership) -> 
 
 /// Loads the serving certificate (failing fast when it is missing) and starts the webhook server
 /// with its certificate watcher; `None` when `--webhook-port=0`.
+/// Starts the webhook server on `certs` (self-managed), or on the files in `--webhook-cert-dir`.
 fn start_webhooks(
     args: &RunArgs,
+    certs: Option<Arc<CertStore>>,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>> {
     if args.webhook_port == 0 {
         tracing::info!("webhook server disabled (--webhook-port=0)");
         return Ok(None);
     }
-    let files = CertFiles::in_dir(
-        &args.webhook_cert_dir,
-        &args.webhook_cert_name,
-        &args.webhook_key_name,
-    );
-    let certs = CertStore::load(files).context("loading the webhook serving certificate")?;
-    tokio::spawn(
-        certs
-            .clone()
-            .watch(args.webhook_cert_reload_interval, stopped(stop.clone())),
-    );
+    let certs = match certs {
+        Some(certs) => certs,
+        None => {
+            let files = CertFiles::in_dir(
+                &args.webhook_cert_dir,
+                &args.webhook_cert_name,
+                &args.webhook_key_name,
+            );
+            let certs =
+                CertStore::load(files).context("loading the webhook serving certificate")?;
+            tokio::spawn(
+                certs
+                    .clone()
+                    .watch(args.webhook_cert_reload_interval, stopped(stop.clone())),
+            );
+            certs
+        }
+    };
     let addr = std::net::SocketAddr::new(args.webhook_host, args.webhook_port);
     let policy = webhook::admission::AdmissionPolicy {
         uri: args.uri_policy(),

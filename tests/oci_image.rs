@@ -134,3 +134,348 @@ fn archive_digests_match_content_and_layers_round_trip() {
     std::fs::write(&corrupt, bytes).unwrap();
     assert!(oci::read_archive(&corrupt).is_err());
 }
+
+// ---- The provider's image (release build; `.deb`s cached under the bed's cache dir) ----
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use support::image::{self, BuiltImage, ImageSpec};
+
+/// Where the shared image and its unpacked rootfs live for this test binary.
+struct Built {
+    image: BuiltImage,
+    spec: ImageSpec,
+    rootfs: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The image, built once per test binary from the release binary, and unpacked.
+fn built() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = image::build_release_binary().unwrap();
+        let spec = ImageSpec {
+            binary,
+            with_ssh: true,
+            reference: image::default_reference(),
+            out: dir.path().join("manager.oci.tar"),
+            deb_cache: support::tools::cache_dir().unwrap().join("debs"),
+        };
+        let image = image::build(&spec).unwrap();
+        let rootfs = dir.path().join("bundle/rootfs");
+        oci::read_archive(&image.archive).unwrap().unpack(&rootfs).unwrap();
+        eprintln!(
+            "image {} {}: {:.1} MB compressed archive, {:.1} MB unpacked, {} packages, built in {:.1}s",
+            image.reference,
+            image.digest,
+            image.archive_size as f64 / 1e6,
+            image.unpacked_size as f64 / 1e6,
+            image.packages.len(),
+            image.elapsed.as_secs_f64()
+        );
+        Built {
+            image,
+            spec,
+            rootfs,
+            _dir: dir,
+        }
+    })
+}
+
+#[test]
+fn image_build_is_reproducible() {
+    let first = built();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ImageSpec {
+        out: dir.path().join("again.oci.tar"),
+        ..first.spec.clone()
+    };
+    let again = image::build(&spec).unwrap();
+    assert_eq!(again.digest, first.image.digest);
+    let a = std::fs::read(&first.image.archive).unwrap();
+    let b = std::fs::read(&again.archive).unwrap();
+    assert!(a == b, "two builds of the image differ");
+}
+
+#[test]
+fn image_config_runs_manager_as_nonroot() {
+    let archive = oci::read_archive(&built().image.archive).unwrap();
+    assert_eq!(
+        archive.reference.as_deref(),
+        Some(image::default_reference().as_str())
+    );
+    let config = archive.runtime_config();
+    assert_eq!(config["User"], "65532:65532");
+    assert_eq!(config["Entrypoint"], serde_json::json!(["/manager"]));
+    assert!(config.get("Cmd").is_none(), "{config}");
+    let env: Vec<&str> = config["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        env.contains(&"SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"),
+        "{env:?}"
+    );
+    assert!(
+        env.iter().any(|e| e.starts_with("PATH=/usr/local/sbin:")),
+        "{env:?}"
+    );
+    let labels = &config["Labels"];
+    assert_eq!(
+        labels["org.opencontainers.image.version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(labels["org.opencontainers.image.licenses"], "Apache-2.0");
+    assert_eq!(
+        labels["org.opencontainers.image.title"],
+        "cluster-api-provider-libvirt"
+    );
+    assert_eq!(archive.config["architecture"], oci::host_architecture());
+    assert_eq!(archive.config["os"], "linux");
+    // Layer 1: Debian, layer 2: the binary (a new binary reuses the Debian layer).
+    assert_eq!(archive.layers.len(), 2);
+}
+
+/// Every file and symlink below `root`, relative.
+fn tree(root: &Path) -> BTreeSet<String> {
+    walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .into_iter()
+        .map(|e| {
+            let e = e.unwrap();
+            e.path()
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn image_rootfs_holds_the_binary_its_libraries_and_certificates_only() {
+    use std::os::unix::fs::MetadataExt;
+    let built = built();
+    let rootfs = &built.rootfs;
+    let files = tree(rootfs);
+
+    let manager = std::fs::metadata(rootfs.join("manager")).unwrap();
+    assert_eq!((manager.uid(), manager.mode() & 0o7777), (0, 0o755));
+    assert_eq!(
+        std::fs::read(rootfs.join("manager")).unwrap(),
+        std::fs::read(&built.spec.binary).unwrap()
+    );
+    // The libvirt client library (through its soname link, through /lib → usr/lib).
+    let libvirt = rootfs.join("usr/lib/x86_64-linux-gnu/libvirt.so.0");
+    assert!(libvirt.symlink_metadata().unwrap().is_symlink());
+    assert!(std::fs::metadata(&libvirt).unwrap().len() > 1_000_000);
+    assert_eq!(
+        std::fs::read_link(rootfs.join("lib")).unwrap(),
+        Path::new("usr/lib")
+    );
+    // Every library the binary and ssh load is there, by the name the loader looks for.
+    for executable in [built.spec.binary.as_path(), Path::new("/usr/bin/ssh")] {
+        for (name, path) in image::library_closure(executable).unwrap() {
+            let in_image = rootfs.join(path.strip_prefix("/").unwrap());
+            assert!(in_image.exists(), "{name} ({}) is missing", path.display());
+        }
+    }
+    assert!(files.contains("usr/bin/ssh"));
+
+    // The CA bundle: every Debian certificate, PEM.
+    let bundle = std::fs::read_to_string(rootfs.join("etc/ssl/certs/ca-certificates.crt")).unwrap();
+    let count = bundle.matches("-----BEGIN CERTIFICATE-----").count();
+    assert!(count > 100, "{count} certificates");
+    assert_eq!(count, bundle.matches("-----END CERTIFICATE-----\n").count());
+
+    // Users and the sticky /tmp.
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap();
+    assert!(passwd.contains("nonroot:x:65532:65532:"), "{passwd}");
+    let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap();
+    assert!(group.contains("nonroot:x:65532:"), "{group}");
+    assert_eq!(
+        std::fs::metadata(rootfs.join("tmp")).unwrap().mode() & 0o7777,
+        0o1777
+    );
+    assert_eq!(
+        std::fs::metadata(rootfs.join("home/nonroot"))
+            .unwrap()
+            .uid(),
+        65532
+    );
+    let os_release = std::fs::read_to_string(rootfs.join("etc/os-release")).unwrap();
+    assert!(os_release.contains("bookworm"), "{os_release}");
+    // Scanners find the packages (and their versions) in status.d.
+    let status = std::fs::read_to_string(rootfs.join("var/lib/dpkg/status.d/libvirt0")).unwrap();
+    assert!(status.contains("Package: libvirt0\n"), "{status}");
+
+    // No shell, no package manager, no docs beyond copyright files.
+    for absent in [
+        "bin/sh",
+        "usr/bin/sh",
+        "usr/bin/bash",
+        "usr/bin/dash",
+        "usr/bin/busybox",
+        "usr/bin/apt",
+        "usr/bin/dpkg",
+        "usr/bin/env",
+    ] {
+        assert!(!rootfs.join(absent).exists(), "{absent} is in the image");
+    }
+    let executables: Vec<&String> = files
+        .iter()
+        .filter(|f| {
+            let meta = std::fs::symlink_metadata(rootfs.join(f)).unwrap();
+            meta.is_file() && meta.mode() & 0o111 != 0 && !f.contains(".so")
+        })
+        .collect();
+    assert_eq!(executables, ["manager", "usr/bin/ssh"]);
+    let docs: Vec<&String> = files
+        .iter()
+        .filter(|f| f.starts_with("usr/share/") && !f.ends_with("/copyright"))
+        .filter(|f| !rootfs.join(f).is_dir())
+        .collect();
+    assert!(docs.is_empty(), "{docs:?}");
+    // Every package's copyright is there (some through a link to another package's doc dir).
+    for package in built.image.packages.keys() {
+        let copyright = rootfs.join(format!("usr/share/doc/{package}/copyright"));
+        let text = std::fs::read_to_string(&copyright).unwrap_or_else(|e| panic!("{package}: {e}"));
+        assert!(!text.is_empty(), "{package}");
+    }
+}
+
+/// Runs the image's entrypoint with `args` (see [`run_in_image_raw`]).
+fn run_in_image(name: &str, args: &[&str]) -> (bool, String, String) {
+    let archive = oci::read_archive(&built().image.archive).unwrap();
+    let entrypoint = archive.runtime_config()["Entrypoint"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut argv = vec![entrypoint.as_str()];
+    argv.extend(args);
+    run_in_image_raw(name, &argv)
+}
+
+/// Runs `argv` in the image with Debian's runc, as a kubelet would with a restricted pod:
+/// read-only rootfs, uid/gid 65532, no capabilities, no new privileges, its own network (and
+/// pid, ipc, uts, mount) namespaces, the image's Env. Returns (exit ok, stdout, stderr).
+fn run_in_image_raw(name: &str, argv: &[&str]) -> (bool, String, String) {
+    ensure_runc();
+    let built = built();
+    let bundle = tempfile::tempdir().unwrap();
+    let out = Command::new("runc")
+        .args(["spec", "--bundle"])
+        .arg(bundle.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "runc spec: {out:?}");
+    let path = bundle.path().join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let archive = oci::read_archive(&built.image.archive).unwrap();
+    let config = archive.runtime_config();
+    let process = &mut spec["process"];
+    process["terminal"] = false.into();
+    process["user"] = serde_json::json!({"uid": 65532, "gid": 65532});
+    process["args"] = serde_json::json!(argv);
+    process["env"] = config["Env"].clone();
+    process["cwd"] = "/".into();
+    process["noNewPrivileges"] = true.into();
+    process["capabilities"] = serde_json::json!({
+        "bounding": [], "effective": [], "permitted": [], "ambient": []
+    });
+    // The rootfs unpacked once, shared read-only by every run.
+    spec["root"] = serde_json::json!({"path": built.rootfs, "readonly": true});
+    spec["hostname"] = "capl".into();
+    let namespaces: Vec<&str> = spec["linux"]["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["type"].as_str().unwrap())
+        .collect();
+    assert!(namespaces.contains(&"network"), "{namespaces:?}");
+    std::fs::write(&path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+
+    let state = bundle.path().join("state");
+    let id = format!("capl-image-{}-{name}", std::process::id());
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg("runc")
+        .arg("--root")
+        .arg(&state)
+        .args(["run", "--bundle"])
+        .arg(bundle.path())
+        .arg(&id)
+        .output()
+        .unwrap();
+    let _ = Command::new("runc")
+        .arg("--root")
+        .arg(&state)
+        .args(["delete", "--force", &id])
+        .output();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Debian's runc (tests/tools/install.sh installs it; installed here if it is missing).
+fn ensure_runc() {
+    static RUNC: OnceLock<()> = OnceLock::new();
+    RUNC.get_or_init(|| {
+        if Command::new("runc")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return;
+        }
+        let status = Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "runc"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "apt-get install runc failed");
+    });
+}
+
+#[test]
+fn image_starts_and_prints_its_version_under_runc() {
+    let (ok, stdout, stderr) = run_in_image("version", &["version"]);
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(stdout, format!("manager {}\n", env!("CARGO_PKG_VERSION")));
+
+    let (ok, stdout, stderr) = run_in_image("help", &["--help"]);
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("Usage: manager"), "{stdout}");
+}
+
+#[test]
+fn image_loads_libvirt_under_runc() {
+    let (ok, stdout, stderr) = run_in_image(
+        "libvirt",
+        &[
+            "version",
+            "--libvirt-uri",
+            "test:///default",
+            "--allow-test-driver",
+        ],
+    );
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("libvirt 9."), "{stdout}");
+    assert!(stdout.contains("TEST driver"), "{stdout}");
+}
+
+#[test]
+fn image_ssh_client_runs_under_runc() {
+    // Not through the entrypoint: runc runs what args say. `ssh -V` needs its whole closure.
+    let (ok, stdout, stderr) = run_in_image_raw("ssh", &["/usr/bin/ssh", "-V"]);
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stderr.contains("OpenSSH_"), "{stderr}");
+}

@@ -4,9 +4,11 @@
 //! - [`machine`], [`cluster`]: the rules of each kind (and its template);
 //! - [`checks`]: field checks shared by the rules;
 //! - [`server`], [`tls`]: the HTTPS server and its hot-reloaded certificate;
+//! - [`certificates`]: self-managed certificates (CA + serving pair in a Secret, CA injection);
 //! - [`configs`]: the webhook configurations the binary generates into `webhooks/`.
 
 pub mod admission;
+pub mod certificates;
 pub mod checks;
 pub mod cluster;
 pub mod configs;

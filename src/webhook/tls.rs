@@ -1,8 +1,10 @@
-//! The webhook's serving certificate, reloaded without a restart.
+//! The webhook's serving certificate, replaced without a restart.
 //!
-//! Kubernetes updates a mounted Secret by swapping the `..data` symlink, so file watches on the
-//! certificate go stale; the store re-reads the files on an interval instead and swaps the key in
-//! when their bytes change (a half-written or mismatched pair is ignored until it settles).
+//! Two sources feed the store. Files (`--webhook-cert-dir`, e.g. a Secret cert-manager fills and
+//! the kubelet mounts): Kubernetes updates a mounted Secret by swapping the `..data` symlink, so
+//! file watches go stale; the store re-reads the files on an interval instead and swaps the key in
+//! when their bytes change (a half-written or mismatched pair is ignored until it settles). Or
+//! memory: the self-managed certificates ([`super::certificates`]) hand each new pair over.
 //! Each TLS handshake picks the current key, so in-flight connections are never dropped.
 
 use std::fmt;
@@ -25,10 +27,10 @@ pub enum Error {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("{path} holds no PEM certificate")]
-    NoCertificate { path: PathBuf },
-    #[error("{path} holds no PEM private key: {reason}")]
-    NoKey { path: PathBuf, reason: String },
+    #[error("{origin} holds no PEM certificate")]
+    NoCertificate { origin: String },
+    #[error("{origin} holds no PEM private key: {reason}")]
+    NoKey { origin: String, reason: String },
     #[error("certificate and key do not form a usable pair: {0}")]
     Pair(#[from] rustls::Error),
 }
@@ -57,7 +59,8 @@ struct Loaded {
 
 /// The current serving key, shared by every handshake.
 pub struct CertStore {
-    files: CertFiles,
+    /// Where the pair is re-read from; `None` when it is handed over in memory.
+    files: Option<CertFiles>,
     provider: Arc<CryptoProvider>,
     current: RwLock<Arc<Loaded>>,
 }
@@ -74,25 +77,82 @@ impl CertStore {
     /// Loads the pair; fails when it cannot (the manager must not start without a certificate).
     pub fn load(files: CertFiles) -> Result<Arc<Self>, Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let loaded = read(&files, &provider)?;
+        let loaded = parse(
+            read_file(&files.cert)?,
+            read_file(&files.key)?,
+            &files.cert.display().to_string(),
+            &files.key.display().to_string(),
+            &provider,
+        )?;
         Ok(Arc::new(Self {
-            files,
+            files: Some(files),
+            provider,
+            current: RwLock::new(Arc::new(loaded)),
+        }))
+    }
+
+    /// A store serving a pair held in memory (`origin` names where it came from, for errors).
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8], origin: &str) -> Result<Arc<Self>, Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let loaded = parse(
+            cert_pem.to_vec(),
+            key_pem.to_vec(),
+            origin,
+            origin,
+            &provider,
+        )?;
+        Ok(Arc::new(Self {
+            files: None,
             provider,
             current: RwLock::new(Arc::new(loaded)),
         }))
     }
 
     /// Re-reads the files; swaps the key in when they changed and form a valid pair.
-    /// Returns whether the served certificate changed.
+    /// Returns whether the served certificate changed (always `false` for a store in memory).
     pub fn reload_if_changed(&self) -> Result<bool, Error> {
-        let (cert_pem, key_pem) = (read_file(&self.files.cert)?, read_file(&self.files.key)?);
+        let Some(files) = &self.files else {
+            return Ok(false);
+        };
+        let (cert_pem, key_pem) = (read_file(&files.cert)?, read_file(&files.key)?);
+        self.replace(
+            cert_pem,
+            key_pem,
+            &files.cert.display().to_string(),
+            &files.key.display().to_string(),
+        )
+    }
+
+    /// Swaps in a pair held in memory when it differs from the one served; a pair that does not
+    /// parse or match is refused and the previous one stays. Returns whether it changed.
+    pub fn replace_pem(
+        &self,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        origin: &str,
+    ) -> Result<bool, Error> {
+        self.replace(cert_pem.to_vec(), key_pem.to_vec(), origin, origin)
+    }
+
+    /// The certificate (chain) served now, PEM.
+    pub fn certificate_pem(&self) -> Vec<u8> {
+        self.snapshot().cert_pem.clone()
+    }
+
+    fn replace(
+        &self,
+        cert_pem: Vec<u8>,
+        key_pem: Vec<u8>,
+        cert_origin: &str,
+        key_origin: &str,
+    ) -> Result<bool, Error> {
         {
             let current = self.snapshot();
             if current.cert_pem == cert_pem && current.key_pem == key_pem {
                 return Ok(false);
             }
         }
-        let loaded = parse(cert_pem, key_pem, &self.files, &self.provider)?;
+        let loaded = parse(cert_pem, key_pem, cert_origin, key_origin, &self.provider)?;
         match self.current.write() {
             Ok(mut current) => *current = Arc::new(loaded),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(loaded),
@@ -117,8 +177,12 @@ impl CertStore {
         Ok(Arc::new(config))
     }
 
-    /// Polls the files every `interval` until `stop` resolves, logging reloads and failures.
+    /// Polls the files every `interval` until `stop` resolves, logging reloads and failures
+    /// (returns at once for a store in memory).
     pub async fn watch(self: Arc<Self>, interval: Duration, stop: impl Future<Output = ()>) {
+        let Some(files) = self.files.clone() else {
+            return;
+        };
         let mut stop = std::pin::pin!(stop);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -130,7 +194,7 @@ impl CertStore {
             let store = self.clone();
             match tokio::task::spawn_blocking(move || store.reload_if_changed()).await {
                 Ok(Ok(true)) => {
-                    tracing::info!(cert = %self.files.cert.display(), "webhook certificate reloaded")
+                    tracing::info!(cert = %files.cert.display(), "webhook certificate reloaded")
                 }
                 Ok(Ok(false)) => {}
                 Ok(Err(error)) => {
@@ -155,19 +219,11 @@ fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
     })
 }
 
-fn read(files: &CertFiles, provider: &CryptoProvider) -> Result<Loaded, Error> {
-    parse(
-        read_file(&files.cert)?,
-        read_file(&files.key)?,
-        files,
-        provider,
-    )
-}
-
 fn parse(
     cert_pem: Vec<u8>,
     key_pem: Vec<u8>,
-    files: &CertFiles,
+    cert_origin: &str,
+    key_origin: &str,
     provider: &CryptoProvider,
 ) -> Result<Loaded, Error> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
@@ -175,11 +231,11 @@ fn parse(
         .collect();
     if chain.is_empty() {
         return Err(Error::NoCertificate {
-            path: files.cert.clone(),
+            origin: cert_origin.to_owned(),
         });
     }
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| Error::NoKey {
-        path: files.key.clone(),
+        origin: key_origin.to_owned(),
         reason: e.to_string(),
     })?;
     let key = CertifiedKey::from_der(chain, key, provider)?;

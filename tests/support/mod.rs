@@ -15,6 +15,7 @@ pub mod capi;
 pub mod capi_objects;
 pub mod certs;
 pub mod guest_host;
+pub mod image;
 pub mod libvirtd;
 pub mod node;
 pub mod oci;

@@ -62,7 +62,9 @@ fn usage() -> ! {
                                    this provider's CRDs + webhooks pointed at 127.0.0.1:9443)\n\
          env                       print shell exports for the running bed\n\
          down                      stop everything and remove the bed's files\n\
-         versions                  print the version of every real component"
+         versions                  print the version of every real component\n\
+         image [--no-ssh] [--cold] build the provider's OCI image archive (no engine); print its\n\
+                                   path, digest, sizes and build times"
     );
     std::process::exit(2)
 }
@@ -76,6 +78,7 @@ fn main() -> Result<()> {
         Some("down") => down(),
         Some("versions") => versions(),
         Some("run") => run::run(&args[1..]),
+        Some("image") => support::image::cli(&args[1..]),
         _ => usage(),
     }
 }

@@ -16,6 +16,8 @@ pub struct Versions {
     pub kubernetes: String,
     pub etcd: String,
     pub helm: String,
+    /// Helm v3, for the chart's compatibility checks.
+    pub helm3: String,
     pub cluster_api: String,
     pub containerd: String,
 }
@@ -27,6 +29,8 @@ pub struct Tools {
     pub kube_apiserver: PathBuf,
     pub etcd: PathBuf,
     pub helm: PathBuf,
+    /// Helm v3 (`HELM3_VERSION`).
+    pub helm3: PathBuf,
     pub kubectl: PathBuf,
     pub capi_manager: PathBuf,
     pub clusterctl: PathBuf,
@@ -65,6 +69,7 @@ impl Tools {
             kubernetes: pin("KUBERNETES_VERSION")?,
             etcd: pin("ETCD_VERSION")?,
             helm: pin("HELM_VERSION")?,
+            helm3: pin("HELM3_VERSION")?,
             cluster_api: pin("CLUSTER_API_VERSION")?,
             containerd: pin("CONTAINERD_VERSION")?,
         };
@@ -96,6 +101,10 @@ impl Tools {
             helm: tool(
                 "CAPL_HELM",
                 cache.join(format!("helm-{}", versions.helm)).join("helm"),
+            )?,
+            helm3: tool(
+                "CAPL_HELM3",
+                cache.join(format!("helm-{}", versions.helm3)).join("helm"),
             )?,
             kubectl: which("kubectl")?,
             capi_manager: tool("CAPL_CAPI_MANAGER", capi_dir.join("capi-manager"))?,

@@ -138,6 +138,19 @@ install_go_tools() {
 			"helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
 		log "helm: built in $((SECONDS - start))s"
 	fi
+	# Helm v3 too: the chart must work with both majors (v3's version variable is in internal/version).
+	local h3k="helm-$HELM3_VERSION" h3out="$tools/helm-$HELM3_VERSION/helm"
+	if [ -x "$h3out" ]; then
+		log "helm v3: cached ($h3k)"
+	else
+		log "helm v3: building helm.sh/helm/v3/cmd/helm@$HELM3_VERSION"
+		local start=$SECONDS
+		mkdir -p "$tools/$h3k"
+		GOBIN="$tools/$h3k" go install -trimpath \
+			-ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM3_VERSION" \
+			"helm.sh/helm/v3/cmd/helm@$HELM3_VERSION"
+		log "helm v3: built in $((SECONDS - start))s"
+	fi
 	# The CAPI CRDs come straight from the module cache (no copies in the repo).
 	(cd "$here/cluster-api" && go mod download sigs.k8s.io/cluster-api)
 }
@@ -154,6 +167,7 @@ echo "export CAPL_TOOLS_DIR='$tools'"
 echo "export CAPL_KUBE_APISERVER='$tools/kubernetes-$KUBERNETES_VERSION/kube-apiserver'"
 echo "export CAPL_ETCD='$tools/etcd-$ETCD_VERSION/etcd'"
 echo "export CAPL_HELM='$tools/helm-$HELM_VERSION/helm'"
+echo "export CAPL_HELM3='$tools/helm-$HELM3_VERSION/helm'"
 echo "export CAPL_CAPI_DIR='$tools/cluster-api-$CLUSTER_API_VERSION'"
 echo "export CAPL_CAPI_SRC='$capi_src'"
 kdir="$tools/kubernetes-$KUBERNETES_VERSION"
