@@ -227,8 +227,11 @@ fn subnets(index: u32) -> (Ipv4Addr, Ipv4Addr, String) {
 /// What teardown needs to find everything of a node (also serialised by the shell face).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeHandle {
+    /// The node's network namespace.
     pub netns: String,
+    /// Host side of its veth pair.
     pub host_if: String,
+    /// The node's dir (containerd, kubelet, CNI state, logs).
     pub dir: PathBuf,
     /// The kubelet's cgroup root, without the leading `/`.
     pub cgroup_root: String,
@@ -239,9 +242,13 @@ pub struct NodeHandle {
 /// How long start-up took, per phase (for the report of the bed's costs).
 #[derive(Debug, Clone, Default)]
 pub struct StartTimings {
+    /// containerd started until it answered.
     pub containerd: Duration,
+    /// The pause image written (first start only) and imported.
     pub pause_image: Duration,
+    /// The kubelet and kube-proxy started until the Node was Ready.
     pub ready: Duration,
+    /// All of [`Node::start`].
     pub total: Duration,
 }
 
@@ -249,11 +256,15 @@ pub struct StartTimings {
 pub struct Node {
     /// The Node object's name.
     pub name: String,
+    /// The namespace and addresses the node lives in.
     pub network: Network,
+    /// Everything of the node lives under this dir.
     pub dir: PathBuf,
     /// containerd's gRPC socket (`ctr --address`).
     pub containerd_socket: PathBuf,
+    /// The kubelet's cgroup root in every hierarchy, without the leading `/`.
     pub cgroup_root: String,
+    /// How long start-up took.
     pub timings: StartTimings,
     ctr: PathBuf,
     kubectl: PathBuf,
