@@ -546,3 +546,87 @@ fn a_test_process_that_dies_leaves_nothing_behind() {
         }
     }
 }
+
+#[test]
+fn a_deployment_with_a_restricted_pod_rolls_out_on_the_node() {
+    let bed = support::with_node();
+    // The way a chart's Deployment runs: the controller manager makes the ReplicaSet and Pod,
+    // the scheduler binds it to the node, and the Pod passes Pod Security "restricted"
+    // (non-root, read-only root, no capabilities, seccomp RuntimeDefault under runc).
+    kubectl_stdin(
+        bed,
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: node-restricted\n  labels:\n    pod-security.kubernetes.io/enforce: restricted\n",
+    );
+    wait_default_service_account(bed, "node-restricted");
+    kubectl_stdin(
+        bed,
+        &["apply", "-n", "node-restricted", "-f", "-"],
+        &format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 1
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 65532
+        seccompProfile:
+          type: RuntimeDefault
+      containers:
+      - name: web
+        image: {}
+        imagePullPolicy: IfNotPresent
+        command: ["/pause", "serve", "8080"]
+        securityContext:
+          allowPrivilegeEscalation: false
+          readOnlyRootFilesystem: true
+          capabilities:
+            drop: ["ALL"]
+        readinessProbe:
+          httpGet:
+            port: 8080
+          periodSeconds: 1
+"#,
+            node::PAUSE_IMAGE
+        ),
+    );
+    let out = bed.kubectl(&[
+        "rollout",
+        "status",
+        "deployment/web",
+        "-n",
+        "node-restricted",
+        "--timeout=120s",
+    ]);
+    assert!(
+        out.status.success(),
+        "rollout: {}{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        kubectl(
+            bed,
+            &["get", "pods,events", "-n", "node-restricted", "-o", "wide"]
+        ),
+        diagnostics(bed)
+    );
+    let pods = json(
+        bed,
+        &["get", "pods", "-n", "node-restricted", "-l", "app=web"],
+    );
+    let pod = &pods["items"][0];
+    assert_eq!(pod["spec"]["nodeName"], NODE_NAME);
+    assert_eq!(pod["status"]["phase"], "Running");
+    kubectl(
+        bed,
+        &["delete", "namespace", "node-restricted", "--wait=false"],
+    );
+}

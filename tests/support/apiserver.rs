@@ -228,6 +228,11 @@ impl ControlPlane {
                 sa_key.display()
             ))
             .arg("--leader-elect=false")
+            // Its default (/usr/libexec/kubernetes/...) would be created on the machine.
+            .arg(format!(
+                "--flex-volume-plugin-dir={}",
+                self.dir.join("flexvolume").display()
+            ))
             .arg("--v=1");
         self.procs.push(Proc::spawn(
             "kube-controller-manager",

@@ -20,6 +20,13 @@
 //! test processes that died) kills every process in the node's cgroups and namespace, removes
 //! the shims' sockets, unmounts everything under the node's dir, deletes the namespace (and with
 //! it the veth pair and the host route) and the cgroups, and removes the dir.
+//!
+//! A few paths are hard-coded in the kubelet and containerd, whatever their configuration:
+//! `/var/lib/kubelet/device-plugins/kubelet.sock` (the kubelet's device-plugin registration
+//! socket: nodes running at once take turns owning it; no device plugin is used), shim sockets in
+//! `/run/containerd/s`, CNI result caches in `/var/lib/cni/results`, container log links in
+//! `/var/log/containers`. Teardown removes this node's entries there, and, once no other node
+//! runs, the socket and those directories if empty.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
@@ -31,7 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::apiserver::{ControlPlane, SERVICE_CIDR};
+use super::apiserver::ControlPlane;
 use super::process::{Lifetime, Proc, pid_alive, poll, tail, terminate};
 use super::tools::{Tools, require};
 
@@ -220,8 +227,11 @@ fn subnets(index: u32) -> (Ipv4Addr, Ipv4Addr, String) {
 /// What teardown needs to find everything of a node (also serialised by the shell face).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeHandle {
+    /// The node's network namespace.
     pub netns: String,
+    /// Host side of its veth pair.
     pub host_if: String,
+    /// The node's dir (containerd, kubelet, CNI state, logs).
     pub dir: PathBuf,
     /// The kubelet's cgroup root, without the leading `/`.
     pub cgroup_root: String,
@@ -232,9 +242,13 @@ pub struct NodeHandle {
 /// How long start-up took, per phase (for the report of the bed's costs).
 #[derive(Debug, Clone, Default)]
 pub struct StartTimings {
+    /// containerd started until it answered.
     pub containerd: Duration,
+    /// The pause image written (first start only) and imported.
     pub pause_image: Duration,
+    /// The kubelet and kube-proxy started until the Node was Ready.
     pub ready: Duration,
+    /// All of [`Node::start`].
     pub total: Duration,
 }
 
@@ -242,11 +256,15 @@ pub struct StartTimings {
 pub struct Node {
     /// The Node object's name.
     pub name: String,
+    /// The namespace and addresses the node lives in.
     pub network: Network,
+    /// Everything of the node lives under this dir.
     pub dir: PathBuf,
     /// containerd's gRPC socket (`ctr --address`).
     pub containerd_socket: PathBuf,
+    /// The kubelet's cgroup root in every hierarchy, without the leading `/`.
     pub cgroup_root: String,
+    /// How long start-up took.
     pub timings: StartTimings,
     ctr: PathBuf,
     kubectl: PathBuf,
@@ -341,6 +359,10 @@ impl Node {
                 node.dir.join("kubelet.kubeconfig").display()
             ))
             .arg(format!("--root-dir={}", node.dir.join("kubelet").display()))
+            .arg(format!(
+                "--cert-dir={}",
+                node.dir.join("kubelet/pki").display()
+            ))
             .arg(format!("--hostname-override={NODE_NAME}"))
             .arg(format!("--node-ip={}", node.network.node_ip))
             .arg("--v=1")
@@ -383,6 +405,8 @@ impl Node {
                 r#"version = 3
 root = "{root}"
 state = "{state}"
+# Nothing from the machine's /etc/containerd (containerd 2.x imports conf.d by default).
+imports = []
 
 [grpc]
   address = "{sock}"
@@ -528,6 +552,7 @@ conntrack:
   min: 0
   tcpEstablishedTimeout: 0s
   tcpCloseWaitTimeout: 0s
+nodePortAddresses: ["primary"]
 iptables:
   localhostNodePorts: false
 "#,
@@ -535,7 +560,6 @@ iptables:
                 pod_cidr = self.network.pod_cidr,
             ),
         )?;
-        let _ = SERVICE_CIDR;
         Ok(())
     }
 
@@ -762,11 +786,13 @@ pub fn destroy(handle: &NodeHandle) {
     kill_cgroup_tree(&handle.cgroup_root);
     kill_namespace(&handle.netns);
     remove_shim_sockets(&handle.dir.join("containerd/state"));
+    remove_cni_cache(&handle.dir);
     unmount_under(&handle.dir);
     delete_network(&handle.netns, &handle.host_if);
     remove_cgroups(&handle.cgroup_root);
     remove_log_links(&handle.dir);
     let _ = std::fs::remove_dir_all(&handle.dir);
+    remove_fixed_host_paths(&handle.netns);
 }
 
 /// Tears down nodes of test processes that died without cleaning up (SIGKILL): their
@@ -1054,6 +1080,57 @@ fn remove_shim_sockets(state: &Path) {
                 }
             }
         }
+    }
+}
+
+/// containerd's CNI library caches each sandbox's result in `/var/lib/cni/results` (not
+/// configurable); a sandbox killed at teardown never gets its CNI DEL. This node's entries name
+/// its Pods' network namespaces, which live under its dir.
+fn remove_cni_cache(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(CNI_CACHE) else {
+        return;
+    };
+    let needle = format!("\"{}/", dir.display());
+    for entry in entries.flatten() {
+        if std::fs::read_to_string(entry.path()).is_ok_and(|text| text.contains(&needle)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// libcni's cache dir, hard-coded in containerd's CRI.
+const CNI_CACHE: &str = "/var/lib/cni/results";
+/// The kubelet's device-plugin registration socket, hard-coded (`DevicePluginPath`).
+const DEVICE_PLUGIN_SOCKET: &str = "/var/lib/kubelet/device-plugins/kubelet.sock";
+
+/// The paths every kubelet and containerd use whatever their configuration: once the last node
+/// of the machine is gone (no other `capl-node-*` namespace), the kubelet's device-plugin socket
+/// goes, and the directories they created go if empty.
+fn remove_fixed_host_paths(this_netns: &str) {
+    let others = ip_output(&["netns", "list"])
+        .map(|list| {
+            list.lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .any(|name| name.starts_with(PREFIX) && name != this_netns)
+        })
+        .unwrap_or(true);
+    if others {
+        return;
+    }
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(DEVICE_PLUGIN_SOCKET).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(DEVICE_PLUGIN_SOCKET);
+    }
+    // remove_dir fails on a non-empty dir: nothing of anyone else's goes.
+    for dir in [
+        "/var/lib/kubelet/device-plugins",
+        "/var/lib/kubelet",
+        CNI_CACHE,
+        "/var/lib/cni",
+        "/run/containerd/s",
+        "/run/containerd",
+    ] {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 

@@ -36,10 +36,14 @@ pub struct Tools {
     pub clusterctl: PathBuf,
     /// The `sigs.k8s.io/cluster-api` module in the Go module cache (CRDs, webhook manifests).
     pub capi_src: PathBuf,
-    /// The node's components (`None` when not built: only node mode needs them).
+    /// The node's kubelet (this and the other node components are `None` when not built: only
+    /// node mode needs them).
     pub kubelet: Option<PathBuf>,
+    /// The node's kube-proxy.
     pub kube_proxy: Option<PathBuf>,
+    /// kube-controller-manager (node mode: Deployments get Pods, Services get endpoints).
     pub kube_controller_manager: Option<PathBuf>,
+    /// kube-scheduler (node mode: Pods get the node).
     pub kube_scheduler: Option<PathBuf>,
     /// Directory holding `containerd`, `containerd-shim-runc-v2` and `ctr`.
     pub containerd_dir: Option<PathBuf>,
