@@ -479,3 +479,111 @@ fn image_ssh_client_runs_under_runc() {
     assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
     assert!(stderr.contains("OpenSSH_"), "{stderr}");
 }
+
+/// The Dockerfile's final stage, continuation lines joined: `(instruction, arguments)`.
+fn dockerfile_runtime_stage() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(image::repo_root().join("Dockerfile")).unwrap();
+    let joined = text.replace("\\\n", " ");
+    let mut stage = Vec::new();
+    for line in joined.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (instruction, arguments) = line.split_once(char::is_whitespace).unwrap();
+        let instruction = instruction.to_uppercase();
+        if instruction == "FROM" {
+            stage.clear();
+        }
+        stage.push((
+            instruction,
+            arguments.split_whitespace().collect::<Vec<_>>().join(" "),
+        ));
+    }
+    stage
+}
+
+#[test]
+fn dockerfile_matches_the_image_builder() {
+    let stage = dockerfile_runtime_stage();
+    let get = |name: &str| -> Vec<&str> {
+        stage
+            .iter()
+            .filter(|(i, _)| i == name)
+            .map(|(_, a)| a.as_str())
+            .collect()
+    };
+    assert_eq!(get("FROM"), ["docker.io/library/debian:bookworm-slim"]);
+    assert_eq!(get("USER"), [image::USER]);
+    let entrypoint: Vec<String> = serde_json::from_str(get("ENTRYPOINT")[0]).unwrap();
+    assert_eq!(entrypoint, [image::ENTRYPOINT]);
+    assert_eq!(get("ENV"), [format!("SSL_CERT_FILE={}", image::CA_BUNDLE)]);
+
+    // The packages `apt-get install` gets are the builder's RUNTIME_PACKAGES.
+    let run = get("RUN").join(" ");
+    let install = run.split("apt-get install").nth(1).unwrap();
+    let packages: BTreeSet<&str> = install
+        .split("&&")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .filter(|w| !w.starts_with('-'))
+        .collect();
+    assert_eq!(packages, image::RUNTIME_PACKAGES.iter().copied().collect());
+    assert!(run.contains("--uid 65532 --gid 65532"), "{run}");
+    assert!(
+        run.contains(&format!("--gid 65532 {}", image::USER_NAME)),
+        "{run}"
+    );
+
+    // Labels and ports as in the image config (the version is the image builder's alone).
+    let config = image::config().unwrap();
+    let labels: BTreeMap<String, String> = get("LABEL")
+        .join(" ")
+        .split("\" ")
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap();
+            (key.to_owned(), value.trim_matches('"').to_owned())
+        })
+        .collect();
+    let mut expected = config.labels.clone();
+    expected.remove("org.opencontainers.image.version");
+    expected.remove("org.opencontainers.image.source");
+    assert_eq!(labels, expected);
+    let ports: Vec<&str> = get("EXPOSE").join(" ").leak().split(' ').collect();
+    assert_eq!(ports, config.exposed_ports);
+}
+
+#[test]
+fn runtime_packages_are_what_the_binary_links() {
+    // Every library the binary names directly comes from RUNTIME_PACKAGES or from what
+    // bookworm-slim has: a new direct dependency fails here until the Dockerfile installs it.
+    let built = built();
+    // By soname; ldd names the loader by its path.
+    let closure: BTreeMap<String, PathBuf> = image::library_closure(&built.spec.binary)
+        .unwrap()
+        .into_iter()
+        .map(|(name, path)| (name.rsplit('/').next().unwrap().to_owned(), path))
+        .collect();
+    let direct: Vec<PathBuf> = image::direct_libraries(&built.spec.binary)
+        .unwrap()
+        .iter()
+        .map(|soname| {
+            closure
+                .get(soname)
+                .unwrap_or_else(|| panic!("{soname}"))
+                .clone()
+        })
+        .collect();
+    let owners = image::owning_packages(&direct).unwrap();
+    for (package, path) in owners {
+        let name = package.split(':').next().unwrap();
+        assert!(
+            image::RUNTIME_PACKAGES.contains(&name) || image::SLIM_PACKAGES.contains(&name),
+            "{path} comes from {name}: add it to the Dockerfile and RUNTIME_PACKAGES"
+        );
+    }
+    // And the image has every runtime package (ssh included).
+    for package in image::RUNTIME_PACKAGES {
+        assert!(built.image.packages.contains_key(*package), "{package}");
+    }
+}
