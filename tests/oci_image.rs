@@ -587,3 +587,158 @@ fn runtime_packages_are_what_the_binary_links() {
         assert!(built.image.packages.contains_key(*package), "{package}");
     }
 }
+
+/// The directory with `containerd`, `containerd-shim-runc-v2` and `ctr` (built by
+/// tests/tools/install.sh, which exports it as `CAPL_CONTAINERD_DIR`).
+fn containerd_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CAPL_CONTAINERD_DIR") {
+        return PathBuf::from(dir);
+    }
+    let tools = support::tools::cache_dir().unwrap().join("tools");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&tools)
+        .into_iter()
+        .flatten()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("containerd-")
+        })
+        .filter(|p| p.join("ctr").is_file())
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .unwrap_or_else(|| panic!("no containerd: eval \"$(tests/tools/install.sh)\" builds it"))
+}
+
+/// A containerd of this test's own (own root, state and socket; stopped on drop).
+struct Containerd {
+    child: std::process::Child,
+    socket: PathBuf,
+    bin: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    fn start() -> Self {
+        let bin = containerd_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("capl-ctrd-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path().display();
+        let config = format!(
+            "version = 3\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \
+             \"io.containerd.cri.v1.runtime\"]\n\
+             [grpc]\n  address = \"{d}/c.sock\"\n[ttrpc]\n  address = \"{d}/c.sock.ttrpc\"\n"
+        );
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
+        let child = Command::new(bin.join("containerd"))
+            .arg("--config")
+            .arg(dir.path().join("config.toml"))
+            .env("PATH", Self::path(&bin))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let socket = dir.path().join("c.sock");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "containerd did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Self {
+            child,
+            socket,
+            bin,
+            _dir: dir,
+        }
+    }
+
+    /// PATH with the shim (and the system's runc).
+    fn path(bin: &Path) -> String {
+        format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        )
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new(self.bin.join("ctr"))
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "capl-image-test"])
+            .args(args)
+            .env("PATH", Self::path(&self.bin))
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn image_imports_into_containerd_and_runs_there() {
+    ensure_runc();
+    let built = built();
+    let containerd = Containerd::start();
+    let archive = built.image.archive.to_str().unwrap();
+    let out = containerd.ctr(&["images", "import", archive]);
+    assert!(out.status.success(), "ctr images import: {out:?}");
+    // Named by the index annotation, with the manifest digest we wrote.
+    let out = containerd.ctr(&["images", "ls"]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    let line = list
+        .lines()
+        .find(|l| l.starts_with(&format!("{} ", built.image.reference)))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(line.contains(&built.image.digest), "{line}");
+
+    // Run as a restricted pod would: read-only rootfs, the image's user.
+    let out = containerd.ctr(&[
+        "run",
+        "--rm",
+        "--read-only",
+        &built.image.reference,
+        "capl-image-run",
+        "/manager",
+        "version",
+        "--libvirt-uri",
+        "test:///default",
+        "--allow-test-driver",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ctr run: {out:?}");
+    assert!(
+        stdout.starts_with(&format!("manager {}\n", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
+    assert!(stdout.contains("TEST driver"), "{stdout}");
+    // `ctr run` takes the user from the image config: the process was not root.
+    let out = containerd.ctr(&[
+        "run",
+        "--rm",
+        "--read-only",
+        &built.image.reference,
+        "capl-image-id",
+        "/usr/bin/ssh",
+        "-G",
+        "localhost",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ctr run ssh -G: {out:?}");
+    assert!(stdout.contains("\nuser nonroot\n"), "{stdout}");
+}
