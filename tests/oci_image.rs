@@ -479,3 +479,266 @@ fn image_ssh_client_runs_under_runc() {
     assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
     assert!(stderr.contains("OpenSSH_"), "{stderr}");
 }
+
+/// The Dockerfile's final stage, continuation lines joined: `(instruction, arguments)`.
+fn dockerfile_runtime_stage() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(image::repo_root().join("Dockerfile")).unwrap();
+    let joined = text.replace("\\\n", " ");
+    let mut stage = Vec::new();
+    for line in joined.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (instruction, arguments) = line.split_once(char::is_whitespace).unwrap();
+        let instruction = instruction.to_uppercase();
+        if instruction == "FROM" {
+            stage.clear();
+        }
+        stage.push((
+            instruction,
+            arguments.split_whitespace().collect::<Vec<_>>().join(" "),
+        ));
+    }
+    stage
+}
+
+#[test]
+fn dockerfile_matches_the_image_builder() {
+    let stage = dockerfile_runtime_stage();
+    let get = |name: &str| -> Vec<&str> {
+        stage
+            .iter()
+            .filter(|(i, _)| i == name)
+            .map(|(_, a)| a.as_str())
+            .collect()
+    };
+    assert_eq!(get("FROM"), ["docker.io/library/debian:bookworm-slim"]);
+    assert_eq!(get("USER"), [image::USER]);
+    let entrypoint: Vec<String> = serde_json::from_str(get("ENTRYPOINT")[0]).unwrap();
+    assert_eq!(entrypoint, [image::ENTRYPOINT]);
+    assert_eq!(get("ENV"), [format!("SSL_CERT_FILE={}", image::CA_BUNDLE)]);
+
+    // The packages `apt-get install` gets are the builder's RUNTIME_PACKAGES.
+    let run = get("RUN").join(" ");
+    let install = run.split("apt-get install").nth(1).unwrap();
+    let packages: BTreeSet<&str> = install
+        .split("&&")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .filter(|w| !w.starts_with('-'))
+        .collect();
+    assert_eq!(packages, image::RUNTIME_PACKAGES.iter().copied().collect());
+    assert!(run.contains("--uid 65532 --gid 65532"), "{run}");
+    assert!(
+        run.contains(&format!("--gid 65532 {}", image::USER_NAME)),
+        "{run}"
+    );
+
+    // Labels and ports as in the image config (the version is the image builder's alone).
+    let config = image::config().unwrap();
+    let labels: BTreeMap<String, String> = get("LABEL")
+        .join(" ")
+        .split("\" ")
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap();
+            (key.to_owned(), value.trim_matches('"').to_owned())
+        })
+        .collect();
+    let mut expected = config.labels.clone();
+    expected.remove("org.opencontainers.image.version");
+    expected.remove("org.opencontainers.image.source");
+    assert_eq!(labels, expected);
+    let ports: Vec<&str> = get("EXPOSE").join(" ").leak().split(' ').collect();
+    assert_eq!(ports, config.exposed_ports);
+}
+
+#[test]
+fn runtime_packages_are_what_the_binary_links() {
+    // Every library the binary names directly comes from RUNTIME_PACKAGES or from what
+    // bookworm-slim has: a new direct dependency fails here until the Dockerfile installs it.
+    let built = built();
+    // By soname; ldd names the loader by its path.
+    let closure: BTreeMap<String, PathBuf> = image::library_closure(&built.spec.binary)
+        .unwrap()
+        .into_iter()
+        .map(|(name, path)| (name.rsplit('/').next().unwrap().to_owned(), path))
+        .collect();
+    let direct: Vec<PathBuf> = image::direct_libraries(&built.spec.binary)
+        .unwrap()
+        .iter()
+        .map(|soname| {
+            closure
+                .get(soname)
+                .unwrap_or_else(|| panic!("{soname}"))
+                .clone()
+        })
+        .collect();
+    let owners = image::owning_packages(&direct).unwrap();
+    for (package, path) in owners {
+        let name = package.split(':').next().unwrap();
+        assert!(
+            image::RUNTIME_PACKAGES.contains(&name) || image::SLIM_PACKAGES.contains(&name),
+            "{path} comes from {name}: add it to the Dockerfile and RUNTIME_PACKAGES"
+        );
+    }
+    // And the image has every runtime package (ssh included).
+    for package in image::RUNTIME_PACKAGES {
+        assert!(built.image.packages.contains_key(*package), "{package}");
+    }
+}
+
+/// The directory with `containerd`, `containerd-shim-runc-v2` and `ctr` (built by
+/// tests/tools/install.sh, which exports it as `CAPL_CONTAINERD_DIR`).
+fn containerd_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CAPL_CONTAINERD_DIR") {
+        return PathBuf::from(dir);
+    }
+    let tools = support::tools::cache_dir().unwrap().join("tools");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&tools)
+        .into_iter()
+        .flatten()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("containerd-")
+        })
+        .filter(|p| p.join("ctr").is_file())
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .unwrap_or_else(|| panic!("no containerd: eval \"$(tests/tools/install.sh)\" builds it"))
+}
+
+/// A containerd of this test's own (own root, state and socket; stopped on drop).
+struct Containerd {
+    child: std::process::Child,
+    socket: PathBuf,
+    bin: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    fn start() -> Self {
+        let bin = containerd_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("capl-ctrd-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path().display();
+        let config = format!(
+            "version = 3\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.cri.v1.images\", \
+             \"io.containerd.cri.v1.runtime\"]\n\
+             [grpc]\n  address = \"{d}/c.sock\"\n[ttrpc]\n  address = \"{d}/c.sock.ttrpc\"\n"
+        );
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
+        let child = Command::new(bin.join("containerd"))
+            .arg("--config")
+            .arg(dir.path().join("config.toml"))
+            .env("PATH", Self::path(&bin))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let socket = dir.path().join("c.sock");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "containerd did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Self {
+            child,
+            socket,
+            bin,
+            _dir: dir,
+        }
+    }
+
+    /// PATH with the shim (and the system's runc).
+    fn path(bin: &Path) -> String {
+        format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        )
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new(self.bin.join("ctr"))
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "capl-image-test"])
+            .args(args)
+            .env("PATH", Self::path(&self.bin))
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn image_imports_into_containerd_and_runs_there() {
+    ensure_runc();
+    let built = built();
+    let containerd = Containerd::start();
+    let archive = built.image.archive.to_str().unwrap();
+    let out = containerd.ctr(&["images", "import", archive]);
+    assert!(out.status.success(), "ctr images import: {out:?}");
+    // Named by the index annotation, with the manifest digest we wrote.
+    let out = containerd.ctr(&["images", "ls"]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    let line = list
+        .lines()
+        .find(|l| l.starts_with(&format!("{} ", built.image.reference)))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(line.contains(&built.image.digest), "{line}");
+
+    // Run as a restricted pod would: read-only rootfs, the image's user.
+    let out = containerd.ctr(&[
+        "run",
+        "--rm",
+        "--read-only",
+        &built.image.reference,
+        "capl-image-run",
+        "/manager",
+        "version",
+        "--libvirt-uri",
+        "test:///default",
+        "--allow-test-driver",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ctr run: {out:?}");
+    assert!(
+        stdout.starts_with(&format!("manager {}\n", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
+    assert!(stdout.contains("TEST driver"), "{stdout}");
+    // `ctr run` takes the user from the image config: the process was not root.
+    let out = containerd.ctr(&[
+        "run",
+        "--rm",
+        "--read-only",
+        &built.image.reference,
+        "capl-image-id",
+        "/usr/bin/ssh",
+        "-G",
+        "localhost",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ctr run ssh -G: {out:?}");
+    assert!(stdout.contains("\nuser nonroot\n"), "{stdout}");
+}

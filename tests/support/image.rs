@@ -98,11 +98,31 @@ pub fn repo_root() -> PathBuf {
 /// caller, else `target/`) and returns the binary's path.
 pub fn build_release_binary() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
+    let mut command = Command::new(cargo);
+    command
         .args(["build", "-q", "--release", "--locked", "--bin", "manager"])
-        .current_dir(repo_root())
-        .status()
-        .context("running cargo build --release")?;
+        .current_dir(repo_root());
+    // What cargo sets for a running test or example: build scripts watch some of these (ring:
+    // CARGO_MANIFEST_DIR), so with them the release build would redo ~10 minutes of work each
+    // time it alternates between a test and a shell.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || name.starts_with("CARGO_BIN_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&name.as_ref())
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
+    let status = command.status().context("running cargo build --release")?;
     ensure!(status.success(), "cargo build --release failed: {status}");
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
