@@ -70,6 +70,9 @@ fn archive_digests_match_content_and_layers_round_trip() {
     // read_archive verifies every blob against its digest, sizes and diff_ids.
     let image = oci::read_archive(&out).unwrap();
     assert_eq!(image.manifest_digest, digest);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o644);
     assert_eq!(image.reference.as_deref(), Some("localhost/sample:1.0"));
     assert_eq!(image.layers.len(), 2);
     let config = image.runtime_config();
