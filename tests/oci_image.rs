@@ -70,6 +70,9 @@ fn archive_digests_match_content_and_layers_round_trip() {
     // read_archive verifies every blob against its digest, sizes and diff_ids.
     let image = oci::read_archive(&out).unwrap();
     assert_eq!(image.manifest_digest, digest);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o644);
     assert_eq!(image.reference.as_deref(), Some("localhost/sample:1.0"));
     assert_eq!(image.layers.len(), 2);
     let config = image.runtime_config();
@@ -299,6 +302,8 @@ fn image_rootfs_holds_the_binary_its_libraries_and_certificates_only() {
     assert!(passwd.contains("nonroot:x:65532:65532:"), "{passwd}");
     let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap();
     assert!(group.contains("nonroot:x:65532:"), "{group}");
+    assert!(passwd.contains("nobody:x:65534:65534:"), "{passwd}");
+    assert!(group.contains("nogroup:x:65534:"), "{group}");
     assert_eq!(
         std::fs::metadata(rootfs.join("tmp")).unwrap().mode() & 0o7777,
         0o1777
@@ -366,6 +371,11 @@ fn run_in_image(name: &str, args: &[&str]) -> (bool, String, String) {
 /// read-only rootfs, uid/gid 65532, no capabilities, no new privileges, its own network (and
 /// pid, ipc, uts, mount) namespaces, the image's Env. Returns (exit ok, stdout, stderr).
 fn run_in_image_raw(name: &str, argv: &[&str]) -> (bool, String, String) {
+    run_in_image_as(name, 65532, argv)
+}
+
+/// [`run_in_image_raw`] as `uid` (and the same gid).
+fn run_in_image_as(name: &str, uid: u32, argv: &[&str]) -> (bool, String, String) {
     ensure_runc();
     let built = built();
     let bundle = tempfile::tempdir().unwrap();
@@ -382,7 +392,7 @@ fn run_in_image_raw(name: &str, argv: &[&str]) -> (bool, String, String) {
     let config = archive.runtime_config();
     let process = &mut spec["process"];
     process["terminal"] = false.into();
-    process["user"] = serde_json::json!({"uid": 65532, "gid": 65532});
+    process["user"] = serde_json::json!({"uid": uid, "gid": uid});
     process["args"] = serde_json::json!(argv);
     process["env"] = config["Env"].clone();
     process["cwd"] = "/".into();
@@ -470,6 +480,14 @@ fn image_loads_libvirt_under_runc() {
     assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("libvirt 9."), "{stdout}");
     assert!(stdout.contains("TEST driver"), "{stdout}");
+}
+
+#[test]
+fn image_ssh_resolves_its_user_as_nobody_under_runc() {
+    // A chart may run the pod as 65534 (nobody): ssh needs a passwd entry for its uid.
+    let (ok, stdout, stderr) = run_in_image_as("ssh-nobody", 65534, &["/usr/bin/ssh", "-G", "h"]);
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("\nuser nobody\n"), "{stdout}");
 }
 
 #[test]

@@ -7,7 +7,8 @@
 //! `apt-get download` (cached by version) and extracted with `dpkg-deb -x`. Besides the closure it gets the
 //! packages' copyright files (no other docs, manuals or translations) and control paragraphs (`/var/lib/dpkg/status.d/`, where image
 //! scanners look), `/etc/os-release`, the CA bundle built the way `update-ca-certificates` builds
-//! it, `/etc/passwd` + `/etc/group` with the `nonroot` user (65532), `/etc/nsswitch.conf` and a
+//! it, `/etc/passwd` + `/etc/group` with the `nonroot` user (65532) and `nobody` (65534),
+//! `/etc/nsswitch.conf` and a
 //! sticky `/tmp`. No shell, no package manager. Layout: merged `/usr` (`/lib` → `usr/lib`, ...).
 //!
 //! Two layers (Debian files, then `/manager`), written by [`super::oci`]: the same binary and
@@ -493,14 +494,20 @@ pub fn build(spec: &ImageSpec) -> Result<BuiltImage> {
     }
     base.add_file(
         "etc/passwd",
-        format!("root:x:0:0:root:/root:/usr/sbin/nologin\n{USER_NAME}:x:{UID}:{UID}:{USER_NAME}:/home/{USER_NAME}:/usr/sbin/nologin\n"),
+        // `nobody` too: charts may run the pod as 65534 (a uid the host's libvirtd knows), and ssh
+        // refuses to run for a uid without an entry.
+        format!(
+            "root:x:0:0:root:/root:/usr/sbin/nologin\n\
+             {USER_NAME}:x:{UID}:{UID}:{USER_NAME}:/home/{USER_NAME}:/usr/sbin/nologin\n\
+             nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
         0o644,
         0,
         0,
     )?;
     base.add_file(
         "etc/group",
-        format!("root:x:0:\n{USER_NAME}:x:{UID}:\n"),
+        format!("root:x:0:\n{USER_NAME}:x:{UID}:\nnogroup:x:65534:\n"),
         0o644,
         0,
         0,

@@ -589,6 +589,10 @@ pub fn write_archive(
         .into_inner()
         .map_err(|e| e.into_error())
         .context("flushing the archive")?;
+    // A temp file is 0600; the archive is for others (an import as another user) too.
+    use std::os::unix::fs::PermissionsExt;
+    temp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))?;
     temp.as_file().sync_all()?;
     temp.persist(out)
         .with_context(|| format!("renaming the archive to {}", out.display()))?;
