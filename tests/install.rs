@@ -431,11 +431,22 @@ fn a_machine_is_made_on_the_bed_libvirt(namespace: &str, uri: &str, manager_name
 /// Everything the release made is gone but the CRDs (and the namespace Helm did not create).
 fn nothing_left_but_the_crds(release: &str, namespace: &str) {
     let kinds = "deployments,replicasets,pods,services,serviceaccounts,secrets,configmaps,roles,rolebindings,leases,poddisruptionbudgets,networkpolicies";
-    let left = kubectl_ok(&["get", kinds, "-n", namespace, "-o", "name"]);
-    let left: Vec<&str> = left
-        .lines()
-        .filter(|l| *l != "configmap/kube-root-ca.crt" && *l != "serviceaccount/default")
-        .collect();
+    let left_over = || -> Vec<String> {
+        kubectl_ok(&["get", kinds, "-n", namespace, "-o", "name"])
+            .lines()
+            .filter(|l| *l != "configmap/kube-root-ca.crt" && *l != "serviceaccount/default")
+            .map(str::to_owned)
+            .collect()
+    };
+    // The pods go last: the garbage collector deletes them after their ReplicaSet, and each
+    // drains for its preStop sleep first.
+    let _ = poll(
+        "the release's objects to go",
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+        || Ok(left_over().is_empty().then_some(())),
+    );
+    let left = left_over();
     assert!(left.is_empty(), "left in {namespace}: {left:?}");
     let cluster_scoped = kubectl_ok(&[
         "get",
