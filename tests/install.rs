@@ -24,6 +24,50 @@ use support::TestBed;
 use support::image::BuiltImage;
 use support::process::poll;
 
+/// Removes what a test installed when it panics, so the next test starts clean.
+struct Cleanup(Box<dyn Fn()>);
+
+impl Cleanup {
+    fn release(helm_binary: &Path, release: &'static str, namespace: &'static str) -> Self {
+        let helm_binary = helm_binary.to_owned();
+        Self(Box::new(move || {
+            let _ = helm(
+                &helm_binary,
+                &[
+                    "uninstall",
+                    release,
+                    "--namespace",
+                    namespace,
+                    "--wait",
+                    "--timeout=60s",
+                ],
+            );
+            let _ = bed().kubectl(&["delete", "namespace", namespace, "--timeout=60s"]);
+        }))
+    }
+
+    /// clusterctl's components: their namespace and cluster-scoped objects (not the CRDs).
+    fn components() -> Self {
+        Self(Box::new(|| {
+            let _ = bed().kubectl(&["delete", "namespace", "capl-system", "--timeout=60s"]);
+            let _ = bed().kubectl(&[
+                "delete",
+                "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,validatingwebhookconfigurations",
+                "-l",
+                "cluster.x-k8s.io/provider=infrastructure-libvirt",
+            ]);
+        }))
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            (self.0)();
+        }
+    }
+}
+
 /// One install at a time.
 static TURN: Mutex<()> = Mutex::new(());
 
@@ -472,7 +516,10 @@ fn nothing_left_but_the_crds(release: &str, namespace: &str) {
 fn helm_4_installs_a_provider_that_admits_reconciles_upgrades_rotates_and_uninstalls_cleanly() {
     let _turn = turn();
     let tools = &bed().tools;
-    let (release, namespace) = ("capl", "capl-system");
+    // Not capl-system: clusterctl's Namespace enforces Pod Security "restricted", which refuses
+    // the hostPath of the libvirt socket.
+    let (release, namespace) = ("capl", "capl-helm4");
+    let _cleanup = Cleanup::release(&bed().tools.helm, release, namespace);
     let (uri, socket_dir) = libvirt_socket();
     let chart = chart::chart_dir();
     let mut args = vec![
@@ -627,6 +674,7 @@ fn helm_3_installs_and_uninstalls_the_same_chart() {
     let _turn = turn();
     let tools = &bed().tools;
     let (release, namespace) = ("capl3", "capl-helm3");
+    let _cleanup = Cleanup::release(&bed().tools.helm3, release, namespace);
     let chart = chart::chart_dir();
     let mut args = vec![
         "install".to_owned(),
@@ -667,6 +715,9 @@ fn clusterctl_init_from_a_local_repository_brings_up_the_same_pod() {
     let _turn = turn();
     let bed = bed();
     let image = &image().reference;
+    // clusterctl checks the Cluster API version (CAPI's CRDs) before it deletes anything.
+    let _ = bed.capi();
+    let _cleanup = Cleanup::components();
     let kubectl = |args: &[&str], stdin: Option<&str>| {
         let out = match stdin {
             Some(s) => bed.kubectl_stdin(args, s),
