@@ -496,7 +496,7 @@ fn nothing_left_but_the_crds(release: &str, namespace: &str) {
         "get",
         "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,validatingwebhookconfigurations",
         "-l",
-        &format!("app.kubernetes.io/instance={release}"),
+        &format!("app.kubernetes.io/instance={release},app.kubernetes.io/managed-by=Helm"),
         "-o",
         "name",
     ]);
@@ -974,4 +974,28 @@ fn clusterctl_init_from_a_local_repository_brings_up_the_same_pod() {
                     .success()
         },
     );
+    // clusterctl deletes cluster-scoped objects only when their names start with
+    // `<namespace>-` (cmd/clusterctl/client/cluster/components.go): the ClusterRole and its
+    // binding stay, and go by hand.
+    let left = kubectl_ok(&[
+        "get",
+        "clusterroles,clusterrolebindings",
+        "-l",
+        "cluster.x-k8s.io/provider=infrastructure-libvirt",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(
+        left.lines().collect::<Vec<_>>(),
+        [
+            "clusterrole.rbac.authorization.k8s.io/capl-manager",
+            "clusterrolebinding.rbac.authorization.k8s.io/capl-manager"
+        ]
+    );
+    kubectl_ok(&[
+        "delete",
+        "clusterroles,clusterrolebindings",
+        "-l",
+        "cluster.x-k8s.io/provider=infrastructure-libvirt",
+    ]);
 }
