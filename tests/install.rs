@@ -369,31 +369,13 @@ fn pod_ips(namespace: &str) -> Vec<String> {
 /// The socket of the bed's libvirtd, reachable by the pods' user (uid 65532): the socket and
 /// the directories above it opened up for this test bed only.
 fn libvirt_socket() -> (String, String) {
-    use std::os::unix::fs::PermissionsExt as _;
     let libvirtd = bed().libvirtd();
-    let uri = libvirtd.as_ref().expect("libvirtd").host_uri().to_string();
-    let socket = uri
-        .split("socket=")
-        .nth(1)
-        .expect("a socket URI")
-        .to_owned();
-    let socket_path = Path::new(&socket);
-    std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o666))
-        .expect("chmod the socket");
-    for dir in socket_path.ancestors().skip(1) {
-        if dir == Path::new("/") || dir == std::env::temp_dir() {
-            break;
-        }
-        let mode = std::fs::metadata(dir).expect("dir").permissions().mode();
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))
-            .expect("chmod a dir");
-    }
-    let dir = socket_path
-        .parent()
-        .expect("the socket's dir")
-        .to_string_lossy()
-        .into_owned();
-    (uri, dir)
+    let (uri, dir) = libvirtd
+        .as_ref()
+        .expect("libvirtd")
+        .open_socket_to_pods()
+        .expect("opening the socket");
+    (uri, dir.to_string_lossy().into_owned())
 }
 
 fn domains() -> Vec<String> {

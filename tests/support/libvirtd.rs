@@ -170,6 +170,33 @@ exec libvirtd -f /etc/libvirt/libvirtd.conf --pid-file '{dir}/libvirtd.pid'
         netns_pids(&self.netns)
     }
 
+    /// Opens this libvirtd's client socket to the provider's pods, which run as uid 65532 and
+    /// mount the socket's directory (the chart's `libvirt.socket.hostPath`): the socket becomes
+    /// 0666 and the directories above it (up to the temp dir or `/`) get o+x. For a bed's own
+    /// libvirtd only. Returns the client URI and the socket's directory.
+    pub fn open_socket_to_pods(&self) -> Result<(String, PathBuf)> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let socket = self.dir.join("sock/libvirt-sock");
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))
+            .with_context(|| format!("opening {}", socket.display()))?;
+        for dir in socket.ancestors().skip(1) {
+            if dir == Path::new("/") || dir == std::env::temp_dir() {
+                break;
+            }
+            let mode = std::fs::metadata(dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .permissions()
+                .mode();
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))
+                .with_context(|| format!("opening {}", dir.display()))?;
+        }
+        let dir = socket
+            .parent()
+            .context("the socket has a directory")?
+            .to_owned();
+        Ok((self.host_uri().to_string(), dir))
+    }
+
     /// Detaches for the shell face: `tests/testbed down` stops it by namespace.
     pub fn detach(mut self) -> String {
         if let Some(proc) = self.proc.take() {

@@ -56,15 +56,24 @@ fn usage() -> ! {
     eprintln!(
         "usage: tests/testbed <command>\n\
          \n\
-         up [--capi] [--libvirtd] [--provider]\n\
+         up [--capi] [--libvirtd] [--provider] [--node]\n\
                                    start etcd + kube-apiserver (and optionally the CAPI core\n\
                                    manager, a real libvirtd in its own network namespace, and\n\
-                                   this provider's CRDs + webhooks pointed at 127.0.0.1:9443)\n\
+                                   this provider's CRDs + webhooks pointed at 127.0.0.1:9443;\n\
+                                   --node: a real node, where Pods run)\n\
          env                       print shell exports for the running bed\n\
          down                      stop everything and remove the bed's files\n\
          versions                  print the version of every real component\n\
          image [--no-ssh] [--cold] build the provider's OCI image archive (no engine); print its\n\
-                                   path, digest, sizes and build times"
+                                   path, digest, sizes and build times\n\
+         run [--driver qemu|test] [manager flags...]\n\
+                                   the main job in the foreground: the bed, the CAPI core manager,\n\
+                                   this provider's manager and a libvirt host; applies\n\
+                                   deploy/examples/ and reports; Ctrl-C tears it all down\n\
+         run --helm                the same, installed the way users do: the bed with a node, the\n\
+                                   image built and imported into its containerd, `helm install`\n\
+                                   of the chart (pods use the bed libvirtd's socket); not with\n\
+                                   --driver test"
     );
     std::process::exit(2)
 }

@@ -12,6 +12,12 @@
 //! 4. `deploy/examples/` applied (the host URI pointed at that host), then the Machines and the
 //!    domains libvirt holds, until Ctrl-C tears everything down.
 //!
+//! With `--helm`, the provider is installed the way users install it instead: the bed with a
+//! node (containerd, kubelet, kube-proxy), the CAPI core manager and the real libvirtd + QEMU;
+//! the provider's OCI image built without an engine and imported into the node's containerd;
+//! `helm install` of `charts/cluster-api-provider-libvirt` with libvirtd's socket mounted into
+//! the pods; then the same examples and report, plus the pods and the leader's log.
+//!
 //! Every process dies with this one (they are started with `PR_SET_PDEATHSIG`).
 
 use std::path::{Path, PathBuf};
@@ -29,7 +35,7 @@ use crate::support::process::{Lifetime, Proc, poll};
 use crate::support::tools::{Tools, cache_dir};
 
 /// Which libvirt the examples' host is.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Driver {
     /// The bed's libvirtd + QEMU: real guests boot.
     Qemu,
@@ -42,9 +48,28 @@ const NAMESPACE: &str = "default";
 /// How long the machines get to be provisioned.
 const PROVISION_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// What `tests/testbed run` was asked for.
+#[derive(Debug, PartialEq, Eq)]
+struct Options {
+    driver: Driver,
+    /// Install the provider with its image and Helm chart on a node of the bed.
+    helm: bool,
+    /// Flags passed on to the manager process.
+    manager_flags: Vec<String>,
+}
+
 /// Runs the main job until Ctrl-C.
 pub fn run(args: &[String]) -> Result<()> {
-    let (driver, manager_flags) = parse(args)?;
+    let options = parse(args)?;
+    if options.helm {
+        let runtime = tokio::runtime::Runtime::new()?;
+        return runtime.block_on(helm::main_job());
+    }
+    let Options {
+        driver,
+        manager_flags,
+        ..
+    } = options;
     if let Some(state) = crate::read_state()?
         && state.processes.iter().all(|(_, pid)| crate::alive(*pid))
     {
@@ -67,12 +92,17 @@ pub fn run(args: &[String]) -> Result<()> {
     result
 }
 
-fn parse(args: &[String]) -> Result<(Driver, Vec<String>)> {
-    let mut driver = Driver::Qemu;
+fn parse(args: &[String]) -> Result<Options> {
+    let mut driver = None;
+    let mut helm = false;
     let mut rest = Vec::new();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let value = match arg.as_str() {
+            "--helm" => {
+                helm = true;
+                continue;
+            }
             "--driver" => args.next().map(String::as_str),
             other => match other.strip_prefix("--driver=") {
                 Some(value) => Some(value),
@@ -82,13 +112,31 @@ fn parse(args: &[String]) -> Result<(Driver, Vec<String>)> {
                 }
             },
         };
-        driver = match value {
+        driver = Some(match value {
             Some("qemu") => Driver::Qemu,
             Some("test") => Driver::Test,
             other => bail!("--driver takes qemu or test, not {other:?}"),
-        };
+        });
     }
-    Ok((driver, rest))
+    if helm {
+        if driver == Some(Driver::Test) {
+            bail!(
+                "--helm does not combine with --driver test: the provider's pods reach the bed's \
+                 real libvirtd through its socket, the test driver lives inside one process"
+            );
+        }
+        if !rest.is_empty() {
+            bail!(
+                "--helm takes no manager flags (the chart sets them; got {})",
+                rest.join(" ")
+            );
+        }
+    }
+    Ok(Options {
+        driver: driver.unwrap_or(Driver::Qemu),
+        helm,
+        manager_flags: rest,
+    })
 }
 
 fn step(text: &str) {
@@ -176,62 +224,11 @@ async fn main_job(driver: Driver, manager_flags: &[String], dir: &Path) -> Resul
         }
     };
 
-    step("applying deploy/examples/ (the host URI pointed at this bed)");
-    let out = plane.kubectl_stdin(&["apply", "-n", NAMESPACE, "-f", "-"], &examples(&uri)?)?;
-    if !out.status.success() {
-        bail!(
-            "applying the examples: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    eprint!("{}", String::from_utf8_lossy(&out.stdout));
-    step("waiting for the machines (Cluster API phase of each)");
-    let provisioned = wait_provisioned(&plane).await?;
+    let provisioned = apply_examples_and_wait(&plane, &uri).await?;
 
-    println!();
-    println!("Machines (Cluster API):");
-    print!(
-        "{}",
-        plane.kubectl_ok(&[
-            "get",
-            "machines",
-            "-n",
-            NAMESPACE,
-            "-o",
-            "custom-columns=NAME:.metadata.name,PHASE:.status.phase,PROVIDERID:.spec.providerID,ADDRESSES:.status.addresses[*].address",
-        ])?
-    );
-    println!();
+    print_machines(&plane)?;
     match (&libvirtd, &in_process) {
-        (Some(libvirtd), _) => {
-            println!(
-                "Domains on {} (an independent libvirt connection):",
-                libvirtd.uri
-            );
-            let host = capl::libvirt::Host::open(&libvirtd.host_uri())?;
-            print!("{}", domain_table(&host)?);
-            println!();
-            println!(
-                "What each guest printed on its serial console (it booted its disk, read its seed):"
-            );
-            for owned in host.list_machines()? {
-                let identity = capl::libvirt::identity::MachineIdentity::new(
-                    &owned.namespace,
-                    &owned.name,
-                    owned.uuid,
-                );
-                let console = host.console_tail(&identity, 64 * 1024)?;
-                let shown: Vec<&str> = console
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| l.starts_with("capl-guest:") || l.contains("echo capl-example"))
-                    .collect();
-                println!("  {}:", owned.name);
-                for line in shown {
-                    println!("    {line}");
-                }
-            }
-        }
+        (Some(libvirtd), _) => print_domains_and_consoles(libvirtd)?,
         (None, Some((backend, _, _))) => {
             println!(
                 "Domains on test:///default (the controllers' own connection: the test driver has no other):"
@@ -254,10 +251,7 @@ async fn main_job(driver: Driver, manager_flags: &[String], dir: &Path) -> Resul
         _ => {}
     }
     println!();
-    if !provisioned {
-        println!("Not every machine was provisioned in {PROVISION_TIMEOUT:?}: see the conditions:");
-        println!("  kubectl get libvirtmachines -n {NAMESPACE} -o yaml");
-    }
+    print_not_provisioned(provisioned);
     println!(
         "Up in {:.0?}. Explore it from another shell:",
         started.elapsed()
@@ -294,6 +288,79 @@ async fn main_job(driver: Driver, manager_flags: &[String], dir: &Path) -> Resul
     drop(plane);
     step("the bed is down");
     Ok(())
+}
+
+/// Applies `deploy/examples/` with the host URI pointed at `uri` and waits for the machines
+/// (see [`wait_provisioned`]).
+async fn apply_examples_and_wait(plane: &ControlPlane, uri: &str) -> Result<bool> {
+    step("applying deploy/examples/ (the host URI pointed at this bed)");
+    let out = plane.kubectl_stdin(&["apply", "-n", NAMESPACE, "-f", "-"], &examples(uri)?)?;
+    if !out.status.success() {
+        bail!(
+            "applying the examples: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprint!("{}", String::from_utf8_lossy(&out.stdout));
+    step("waiting for the machines (Cluster API phase of each)");
+    wait_provisioned(plane).await
+}
+
+/// The Machines' table.
+fn print_machines(plane: &ControlPlane) -> Result<()> {
+    println!();
+    println!("Machines (Cluster API):");
+    print!(
+        "{}",
+        plane.kubectl_ok(&[
+            "get",
+            "machines",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "custom-columns=NAME:.metadata.name,PHASE:.status.phase,PROVIDERID:.spec.providerID,ADDRESSES:.status.addresses[*].address",
+        ])?
+    );
+    println!();
+    Ok(())
+}
+
+/// The domains the bed's libvirtd holds (through a connection of this process) and what each
+/// guest printed on its serial console.
+fn print_domains_and_consoles(libvirtd: &Libvirtd) -> Result<()> {
+    println!(
+        "Domains on {} (an independent libvirt connection):",
+        libvirtd.uri
+    );
+    let host = capl::libvirt::Host::open(&libvirtd.host_uri())?;
+    print!("{}", domain_table(&host)?);
+    println!();
+    println!("What each guest printed on its serial console (it booted its disk, read its seed):");
+    for owned in host.list_machines()? {
+        let identity = capl::libvirt::identity::MachineIdentity::new(
+            &owned.namespace,
+            &owned.name,
+            owned.uuid,
+        );
+        let console = host.console_tail(&identity, 64 * 1024)?;
+        let shown: Vec<&str> = console
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("capl-guest:") || l.contains("echo capl-example"))
+            .collect();
+        println!("  {}:", owned.name);
+        for line in shown {
+            println!("    {line}");
+        }
+    }
+    Ok(())
+}
+
+fn print_not_provisioned(provisioned: bool) {
+    if !provisioned {
+        println!("Not every machine was provisioned in {PROVISION_TIMEOUT:?}: see the conditions:");
+        println!("  kubectl get libvirtmachines -n {NAMESPACE} -o yaml");
+    }
 }
 
 async fn wait_for_signal() {
@@ -465,4 +532,403 @@ fn domain_table(host: &capl::libvirt::Host) -> Result<String> {
         ));
     }
     Ok(table)
+}
+
+/// `tests/testbed run --helm`: the provider installed the way users install it.
+mod helm {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, Result, bail};
+    use serde_json::Value;
+
+    use super::{NAMESPACE, step};
+    use crate::support::TestBed;
+    use crate::support::apiserver::ControlPlane;
+    use crate::support::capi::CapiCore;
+    use crate::support::guest_host;
+    use crate::support::libvirtd::Libvirtd;
+    use crate::support::process::Lifetime;
+
+    /// The Helm release.
+    const RELEASE: &str = "capl";
+    /// Its namespace.
+    const RELEASE_NAMESPACE: &str = "capl-system";
+    /// How long the Deployment gets to become Ready.
+    const READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+    /// The chart's Deployment (and leader-election Lease) for [`RELEASE`].
+    fn deployment() -> String {
+        format!("{RELEASE}-cluster-api-provider-libvirt-controller-manager")
+    }
+
+    /// Tears the bed down (the node included) however the job ends.
+    struct Bed(TestBed);
+
+    impl Drop for Bed {
+        fn drop(&mut self) {
+            self.0.shutdown();
+        }
+    }
+
+    /// Runs the job until Ctrl-C (or SIGTERM); a signal during start-up tears down at the next
+    /// step.
+    pub async fn main_job() -> Result<()> {
+        let started = Instant::now();
+        let signal = tokio::spawn(super::wait_for_signal());
+        step(
+            "starting the node's network namespace, etcd + kube-apiserver (node mode), \
+             kube-controller-manager, kube-scheduler and the node (containerd, kubelet, kube-proxy)",
+        );
+        let bed = Bed(TestBed::start_with_node()?);
+        if let Some(node) = bed.0.node().as_ref() {
+            eprintln!(
+                "    node {} Ready in {:.1?} ({:?})",
+                node.name, node.timings.total, node.timings
+            );
+        }
+        let result = with_bed(&bed.0, started, signal).await;
+        step("tearing down (the pods, the node, libvirtd and its guests, the control plane)");
+        drop(bed);
+        step("the bed is down");
+        result
+    }
+
+    async fn with_bed(
+        bed: &TestBed,
+        started: Instant,
+        signal: tokio::task::JoinHandle<()>,
+    ) -> Result<()> {
+        let interrupted = || -> Result<()> {
+            if signal.is_finished() {
+                bail!("interrupted");
+            }
+            Ok(())
+        };
+        interrupted()?;
+        let plane = bed.plane();
+        let plane = plane.as_ref().context("the control plane is not running")?;
+        step("starting the Cluster API core manager (its CRDs and webhooks installed)");
+        let capi = CapiCore::start(
+            &bed.tools,
+            plane,
+            &bed.dir.join("capi"),
+            Lifetime::TestProcess,
+        )?;
+        interrupted()?;
+        step("starting libvirtd in its own network namespace");
+        let libvirtd = Libvirtd::start(&bed.dir.join("libvirt"), Lifetime::TestProcess)?;
+        step(
+            "preparing pool `capl`, isolated network `capl` (10.213.9.0/24, DHCP, no NAT) and the guest image",
+        );
+        guest_host::prepare(
+            &libvirtd.connect()?,
+            "capl",
+            &libvirtd.images().join("capl"),
+            "capl0",
+            9,
+        )?;
+        interrupted()?;
+        let outcome = install_and_report(bed, plane, &capi, &libvirtd, started, &interrupted).await;
+        if let Err(error) = &outcome {
+            eprintln!("{error:#}");
+            eprintln!("{}", diagnostics(bed, plane));
+            return outcome;
+        }
+        println!("Ctrl-C tears everything down.");
+        let _ = signal.await;
+        Ok(())
+    }
+
+    async fn install_and_report(
+        bed: &TestBed,
+        plane: &ControlPlane,
+        capi: &CapiCore,
+        libvirtd: &Libvirtd,
+        started: Instant,
+        interrupted: &dyn Fn() -> Result<()>,
+    ) -> Result<()> {
+        step("building the provider's OCI image without an engine (release binary, ssh included)");
+        let building = Instant::now();
+        let image = crate::support::image::build_default(true)?;
+        eprintln!(
+            "    {} ({}): {:.1} MB archive, {:.1} MB unpacked, {} layers; built in {:.1?}",
+            image.reference,
+            image.digest,
+            image.archive_size as f64 / 1e6,
+            image.unpacked_size as f64 / 1e6,
+            image.layers.len(),
+            building.elapsed()
+        );
+        interrupted()?;
+        step("importing the image into the node's containerd (namespace k8s.io)");
+        let importing = Instant::now();
+        bed.import_image(&image.archive)?;
+        eprintln!("    imported in {:.1?}", importing.elapsed());
+
+        step("opening libvirtd's socket to the pods' user (uid 65532)");
+        let (uri, socket_dir) = libvirtd.open_socket_to_pods()?;
+        let args = install_args(&image.reference, &socket_dir)?;
+        step(&format!("helm {}", args.join(" ")));
+        let installing = Instant::now();
+        let out = bed.helm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        if !out.status.success() {
+            bail!(
+                "helm install: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        step(&format!(
+            "waiting for Deployment {RELEASE_NAMESPACE}/{} to be Ready",
+            deployment()
+        ));
+        wait_ready(plane, interrupted).await?;
+        eprintln!(
+            "    helm install → Deployment Ready in {:.1?}",
+            installing.elapsed()
+        );
+        // The chart's CRDs and webhook configurations come with the release.
+        plane.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "-l",
+            "cluster.x-k8s.io/provider=infrastructure-libvirt",
+        ])?;
+        interrupted()?;
+
+        let provisioned = super::apply_examples_and_wait(plane, &uri).await?;
+        super::print_machines(plane)?;
+        super::print_domains_and_consoles(libvirtd)?;
+        println!();
+        println!("The provider's pods (helm release {RELEASE} in {RELEASE_NAMESPACE}):");
+        print!(
+            "{}",
+            plane.kubectl_ok(&["get", "pods", "-n", RELEASE_NAMESPACE, "-o", "wide"])?
+        );
+        println!();
+        match leader(plane)? {
+            Some(pod) => {
+                println!("The last lines of the leader's log ({pod}):");
+                let log = plane.kubectl_ok(&[
+                    "logs",
+                    "-n",
+                    RELEASE_NAMESPACE,
+                    &pod,
+                    "-c",
+                    "manager",
+                    "--tail=15",
+                ])?;
+                for line in log.lines() {
+                    println!("  {line}");
+                }
+            }
+            None => println!("No replica holds the leader Lease {} yet.", deployment()),
+        }
+        println!();
+        super::print_not_provisioned(provisioned);
+        println!(
+            "Up in {:.0?}. Explore it from another shell:",
+            started.elapsed()
+        );
+        println!("  export KUBECONFIG={}", plane.kubeconfig.display());
+        println!("  helm status {RELEASE} -n {RELEASE_NAMESPACE}");
+        println!("  kubectl get pods,deployments,leases -n {RELEASE_NAMESPACE}");
+        println!(
+            "  kubectl logs -n {RELEASE_NAMESPACE} deployment/{} -c manager -f",
+            deployment()
+        );
+        println!("  kubectl get cluster,machines,libvirtclusters,libvirtmachines -n {NAMESPACE}");
+        println!("  kubectl scale machinedeployment example-workers -n {NAMESPACE} --replicas=3");
+        println!("  virsh -c '{}' list --all", libvirtd.uri);
+        println!(
+            "  virsh -c '{}' console <domain>   (the guest's serial console; Ctrl-] leaves)",
+            libvirtd.uri
+        );
+        println!("  Cluster API log: {}", capi.log().display());
+        Ok(())
+    }
+
+    /// `helm install` arguments: the imported image (never pulled) and libvirtd's socket
+    /// directory mounted into the pods.
+    fn install_args(reference: &str, socket_dir: &Path) -> Result<Vec<String>> {
+        let (repository, tag) = reference
+            .rsplit_once(':')
+            .with_context(|| format!("the image reference {reference} has no tag"))?;
+        let chart =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/cluster-api-provider-libvirt");
+        let mut args = vec![
+            "install".to_owned(),
+            RELEASE.to_owned(),
+            chart.to_string_lossy().into_owned(),
+            "-n".to_owned(),
+            RELEASE_NAMESPACE.to_owned(),
+            "--create-namespace".to_owned(),
+        ];
+        for value in [
+            format!("image.repository={repository}"),
+            format!("image.tag={tag}"),
+            "image.pullPolicy=Never".to_owned(),
+            "libvirt.socket.enabled=true".to_owned(),
+            format!("libvirt.socket.hostPath={}", socket_dir.display()),
+        ] {
+            args.extend(["--set".to_owned(), value]);
+        }
+        Ok(args)
+    }
+
+    fn json_of(plane: &ControlPlane, args: &[&str]) -> Option<Value> {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        let out = plane.kubectl(&args).ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    /// Waits until every replica of the Deployment is updated and Ready.
+    async fn wait_ready(plane: &ControlPlane, interrupted: &dyn Fn() -> Result<()>) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last = String::new();
+        loop {
+            interrupted()?;
+            if let Some(d) = json_of(
+                plane,
+                &["get", "deployment", "-n", RELEASE_NAMESPACE, &deployment()],
+            ) {
+                let want = d["spec"]["replicas"].as_i64().unwrap_or(1);
+                let ready = d["status"]["readyReplicas"].as_i64().unwrap_or(0);
+                let now = format!("{ready}/{want} replicas Ready");
+                if now != last {
+                    eprintln!("    {now}");
+                    last = now;
+                }
+                if ready == want
+                    && d["status"]["updatedReplicas"].as_i64() == Some(want)
+                    && d["status"]["replicas"].as_i64() == Some(want)
+                {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the Deployment was not Ready in {READY_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The pod holding the leader Lease (its identity is `<pod name>_<uuid>`), waiting up to
+    /// 30 s for an election.
+    fn leader(plane: &ControlPlane) -> Result<Option<String>> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let holder = plane.kubectl_ok(&[
+                "get",
+                "lease",
+                "-n",
+                RELEASE_NAMESPACE,
+                &deployment(),
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ])?;
+            if let Some(pod) = holder.split('_').next().filter(|p| !p.is_empty()) {
+                return Ok(Some(pod.to_owned()));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// What a failure shows: the pods, their events and logs, and the node's own logs.
+    fn diagnostics(bed: &TestBed, plane: &ControlPlane) -> String {
+        let run = |args: &[&str]| match plane.kubectl(args) {
+            Ok(out) => format!(
+                "$ kubectl {}\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => format!("$ kubectl {}: {e:#}\n", args.join(" ")),
+        };
+        let mut text = String::new();
+        text.push_str(&run(&["get", "pods", "-A", "-o", "wide"]));
+        text.push_str(&run(&["describe", "pods", "-n", RELEASE_NAMESPACE]));
+        text.push_str(&run(&[
+            "logs",
+            "-n",
+            RELEASE_NAMESPACE,
+            "-l",
+            "app.kubernetes.io/component=manager",
+            "-c",
+            "manager",
+            "--tail=40",
+            "--prefix",
+        ]));
+        text.push_str(&run(&[
+            "get",
+            "libvirtmachines",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "yaml",
+        ]));
+        if let Some(node) = bed.node().as_ref() {
+            text.push_str(&node.diagnostics());
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(text: &str) -> Vec<String> {
+        text.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn no_flag_is_the_qemu_driver_with_a_manager_process() {
+        let options = parse(&args("--sync-period=1m")).unwrap();
+        assert_eq!(
+            options,
+            Options {
+                driver: Driver::Qemu,
+                helm: false,
+                manager_flags: args("--sync-period=1m"),
+            }
+        );
+        assert_eq!(parse(&args("--driver test")).unwrap().driver, Driver::Test);
+        assert_eq!(parse(&args("--driver=test")).unwrap().driver, Driver::Test);
+        assert!(parse(&args("--driver kvm")).is_err());
+    }
+
+    #[test]
+    fn helm_takes_the_qemu_driver_only_and_no_manager_flags() {
+        assert!(parse(&args("--helm")).unwrap().helm);
+        assert!(parse(&args("--helm --driver qemu")).unwrap().helm);
+        let error = parse(&args("--helm --driver test"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("does not combine with --driver test"),
+            "{error}"
+        );
+        let error = parse(&args("--driver=test --helm"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("does not combine with --driver test"),
+            "{error}"
+        );
+        let error = parse(&args("--helm --sync-period=1m"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no manager flags"), "{error}");
+    }
 }
