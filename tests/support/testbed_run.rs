@@ -766,6 +766,12 @@ mod helm {
             started.elapsed()
         );
         println!("  export KUBECONFIG={}", plane.kubeconfig.display());
+        if let Some(helm_dir) = bed.tools.helm.parent() {
+            println!(
+                "  export PATH=\"{}:$PATH\"   (the pinned helm)",
+                helm_dir.display()
+            );
+        }
         println!("  helm status {RELEASE} -n {RELEASE_NAMESPACE}");
         println!("  kubectl get pods,deployments,leases -n {RELEASE_NAMESPACE}");
         println!(
