@@ -366,7 +366,7 @@ fn pod_ips(namespace: &str) -> Vec<String> {
         .collect()
 }
 
-/// The socket of the bed's libvirtd, reachable by the pods' user (uid 65532): the socket and
+/// The socket of the bed's libvirtd, reachable by the pods' (non-root) user: the socket and
 /// the directories above it opened up for this test bed only.
 fn libvirt_socket() -> (String, String) {
     let libvirtd = bed().libvirtd();

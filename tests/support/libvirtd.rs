@@ -170,14 +170,14 @@ exec libvirtd -f /etc/libvirt/libvirtd.conf --pid-file '{dir}/libvirtd.pid'
         netns_pids(&self.netns)
     }
 
-    /// Opens this libvirtd's client socket to the provider's pods, which run as uid 65532 and
-    /// mount the socket's directory (the chart's `libvirt.socket.hostPath`): the socket becomes
-    /// 0666, the directories above it (up to the temp dir or `/`) get o+x, and libvirtd learns
-    /// the pods' user (see [`Libvirtd::know_pod_user`]). For a bed's own libvirtd only; call it
-    /// again after [`Libvirtd::start_daemon`]. Returns the client URI and the socket's directory.
+    /// Opens this libvirtd's client socket to the provider's pods, which run as a non-root uid
+    /// and mount the socket's directory (the chart's `libvirt.socket.hostPath`): the socket
+    /// becomes 0666 and the directories above it (up to the temp dir or `/`) get o+x. libvirtd
+    /// also looks the client's uid up on this machine, so the pods must run as a uid it knows
+    /// (e.g. `nobody`, 65534). For a bed's own libvirtd only. Returns the client URI and the
+    /// socket's directory.
     pub fn open_socket_to_pods(&self) -> Result<(String, PathBuf)> {
         use std::os::unix::fs::PermissionsExt as _;
-        self.know_pod_user()?;
         let socket = self.dir.join("sock/libvirt-sock");
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))
             .with_context(|| format!("opening {}", socket.display()))?;
@@ -197,49 +197,6 @@ exec libvirtd -f /etc/libvirt/libvirtd.conf --pid-file '{dir}/libvirtd.pid'
             .context("the socket has a directory")?
             .to_owned();
         Ok((self.host_uri().to_string(), dir))
-    }
-
-    /// libvirtd names every client by its peer uid (`virGetUserName`) and refuses one without a
-    /// user record, and this machine has none for the pods' uid: libvirtd's own mount namespace
-    /// gets `/etc/passwd` and `/etc/group` with the image's user added (bind mounts of copies
-    /// under the bed's dir; the machine's files are untouched). Idempotent while the daemon runs.
-    fn know_pod_user(&self) -> Result<()> {
-        use super::image::{UID, USER_NAME};
-        let pid = self.proc.as_ref().context("libvirtd is not running")?.pid();
-        let mut files = Vec::new();
-        for (name, entry) in [
-            (
-                "passwd",
-                format!("{USER_NAME}:x:{UID}:{UID}:{USER_NAME}:/nonexistent:/usr/sbin/nologin"),
-            ),
-            ("group", format!("{USER_NAME}:x:{UID}:")),
-        ] {
-            let system = Path::new("/etc").join(name);
-            let mut text = std::fs::read_to_string(&system)
-                .with_context(|| format!("reading {}", system.display()))?;
-            if !text.is_empty() && !text.ends_with('\n') {
-                text.push('\n');
-            }
-            text.push_str(&entry);
-            text.push('\n');
-            let copy = self.dir.join(name);
-            std::fs::write(&copy, text).with_context(|| format!("writing {}", copy.display()))?;
-            files.push((copy, system));
-        }
-        let mounts: Vec<String> = files
-            .iter()
-            .map(|(copy, system)| {
-                format!("mount --bind '{}' '{}'", copy.display(), system.display())
-            })
-            .collect();
-        let script = format!(
-            "grep -q '^[^:]*:[^:]*:{UID}:' /etc/passwd || {{ {}; }}",
-            mounts.join(" && ")
-        );
-        run(Command::new("nsenter")
-            .arg(format!("--target={pid}"))
-            .args(["--mount", "--", "sh", "-c", &script]))
-        .context("adding the pods' user to libvirtd's /etc/passwd")
     }
 
     /// Detaches for the shell face: `tests/testbed down` stops it by namespace.

@@ -554,6 +554,8 @@ mod helm {
     const RELEASE: &str = "capl";
     /// Its namespace.
     const RELEASE_NAMESPACE: &str = "capl-system";
+    /// The pods' uid and gid: `nobody`, known to the host's libvirtd.
+    const POD_UID: u32 = 65534;
     /// How long the Deployment gets to become Ready.
     const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -698,7 +700,7 @@ mod helm {
         bed.import_image(&image.archive)?;
         eprintln!("    imported in {:.1?}", importing.elapsed());
 
-        step("opening libvirtd's socket to the pods' user (uid 65532)");
+        step("opening libvirtd's socket to the pods' user (nobody, 65534)");
         let (uri, socket_dir) = libvirtd.open_socket_to_pods()?;
         let args = install_args(&image.reference, &socket_dir)?;
         step(&format!("helm {}", args.join(" ")));
@@ -789,8 +791,8 @@ mod helm {
         Ok(())
     }
 
-    /// `helm install` arguments: the imported image (never pulled) and libvirtd's socket
-    /// directory mounted into the pods.
+    /// `helm install` arguments: the imported image (never pulled), libvirtd's socket
+    /// directory mounted into the pods, and a pod user libvirtd knows.
     fn install_args(reference: &str, socket_dir: &Path) -> Result<Vec<String>> {
         let (repository, tag) = reference
             .rsplit_once(':')
@@ -811,6 +813,10 @@ mod helm {
             "image.pullPolicy=Never".to_owned(),
             "libvirt.socket.enabled=true".to_owned(),
             format!("libvirt.socket.hostPath={}", socket_dir.display()),
+            // libvirtd looks the client's uid up on its own host (the chart's README): the
+            // pods run as `nobody`, which this machine and the image both know.
+            format!("securityContext.runAsUser={POD_UID}"),
+            format!("securityContext.runAsGroup={POD_UID}"),
         ] {
             args.extend(["--set".to_owned(), value]);
         }
