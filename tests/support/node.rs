@@ -995,12 +995,27 @@ fn remove_cgroups(root: &str) {
         // A cgroup dir goes with rmdir(2) although it lists (virtual) files.
         let _ = std::fs::remove_dir(dir);
     }
-    for hierarchy in cgroup_hierarchies() {
+    // The kubelet and runc also make `<root>/kubepods/...` on the cgroup2 (unified) mount.
+    for hierarchy in cgroup_hierarchies().into_iter().chain(cgroup2_mounts()) {
         let dir = hierarchy.join(root);
         if dir.exists() {
             remove(&dir);
         }
     }
+}
+
+/// Mount points of the cgroup2 (unified) hierarchy, if mounted.
+fn cgroup2_mounts() -> Vec<PathBuf> {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return Vec::new();
+    };
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() > 2 && fields[2] == "cgroup2").then(|| PathBuf::from(fields[1]))
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------- mounts and files

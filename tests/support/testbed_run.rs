@@ -589,40 +589,11 @@ mod helm {
                 node.name, node.timings.total, node.timings
             );
         }
-        let cgroup_root = bed.0.node().as_ref().map(|node| node.cgroup_root.clone());
         let result = with_bed(&bed.0, started, signal).await;
         step("tearing down (the pods, the node, libvirtd and its guests, the control plane)");
         drop(bed);
-        if let Some(root) = cgroup_root {
-            remove_cgroup2_dirs(&root);
-        }
         step("the bed is down");
         result
-    }
-
-    /// Removes `<root>` (the node's cgroup root) from every cgroup2 mount: the kubelet and runc
-    /// make `kubepods/...` there too, and the node's teardown only clears the v1 hierarchies.
-    fn remove_cgroup2_dirs(root: &str) {
-        fn remove(dir: &Path) {
-            if let Ok(entries) = std::fs::read_dir(dir) {
-                for entry in entries.flatten() {
-                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        remove(&entry.path());
-                    }
-                }
-            }
-            let _ = std::fs::remove_dir(dir);
-        }
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        for line in mounts.lines() {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() > 2 && fields[2] == "cgroup2" && !root.is_empty() {
-                let dir = Path::new(fields[1]).join(root);
-                if dir.exists() {
-                    remove(&dir);
-                }
-            }
-        }
     }
 
     // The bed's plane lock is held across awaits: this task is the only one that takes it, and
