@@ -263,9 +263,8 @@ async fn run_controllers(context: ControllerContext, leadership: Leadership) -> 
     result
 }
 
-/// Loads the serving certificate (failing fast when it is missing) and starts the webhook server
-/// with its certificate watcher; `None` when `--webhook-port=0`.
-/// Starts the webhook server on `certs` (self-managed), or on the files in `--webhook-cert-dir`.
+/// Starts the webhook server on `certs` (self-managed), or on the files in `--webhook-cert-dir`
+/// (loaded now, failing fast when missing, and watched); `None` when `--webhook-port=0`.
 fn start_webhooks(
     args: &RunArgs,
     certs: Option<Arc<CertStore>>,
