@@ -13,7 +13,7 @@ mod chart;
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -31,17 +31,7 @@ impl Cleanup {
     fn release(helm_binary: &Path, release: &'static str, namespace: &'static str) -> Self {
         let helm_binary = helm_binary.to_owned();
         Self(Box::new(move || {
-            let _ = helm(
-                &helm_binary,
-                &[
-                    "uninstall",
-                    release,
-                    "--namespace",
-                    namespace,
-                    "--wait",
-                    "--timeout=60s",
-                ],
-            );
+            let _ = uninstall_release(&helm_binary, release, namespace, "60s");
             let _ = bed().kubectl(&["delete", "namespace", namespace, "--timeout=60s"]);
         }))
     }
@@ -267,6 +257,54 @@ fn wait_ready(namespace: &str, deployment: &str, since: Instant) -> (Duration, V
     (elapsed, per_pod)
 }
 
+/// `helm install` of the chart with the imported image and `values`; waits until the
+/// Deployment is Ready and prints how long that took.
+fn install_release(helm_binary: &Path, release: &str, namespace: &str, values: &[String]) {
+    let chart = chart::chart_dir().to_string_lossy().into_owned();
+    let mut args = vec![
+        "install",
+        release,
+        &chart,
+        "--namespace",
+        namespace,
+        "--create-namespace",
+    ];
+    let values: Vec<String> = image_values()
+        .into_iter()
+        .chain(values.iter().cloned())
+        .collect();
+    for value in &values {
+        args.extend(["--set", value]);
+    }
+    let installing = Instant::now();
+    helm_ok(helm_binary, &args);
+    let (to_ready, per_pod) = wait_ready(namespace, &deployment_of(release), installing);
+    eprintln!(
+        "{} install → all replicas Ready: {to_ready:.1?}; container start → Ready per pod (s): {per_pod:?}",
+        helm_binary.display()
+    );
+}
+
+/// The chart's Deployment of `release`.
+fn deployment_of(release: &str) -> String {
+    format!("{release}-cluster-api-provider-libvirt-controller-manager")
+}
+
+/// `helm uninstall --wait`; leaves only the CRDs, as [`nothing_left_but_the_crds`] checks.
+fn uninstall_release(helm_binary: &Path, release: &str, namespace: &str, timeout: &str) -> Output {
+    helm(
+        helm_binary,
+        &[
+            "uninstall",
+            release,
+            "--namespace",
+            namespace,
+            "--wait",
+            &format!("--timeout={timeout}"),
+        ],
+    )
+}
+
 fn machine(namespace: &str, name: &str, memory_mib: i64) -> String {
     json!({
         "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha1",
@@ -318,34 +356,6 @@ fn admission_goes_through_the_pods(namespace: &str) {
         "defaulted",
         "--timeout=60s",
     ]);
-}
-
-/// The certificate a pod serves on its webhook port (openssl, trusting nothing).
-fn served_by(pod_ip: &str, port: u16) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "openssl s_client -connect {pod_ip}:{port} </dev/null 2>/dev/null | openssl x509"
-        ))
-        .stderr(Stdio::null())
-        .output()
-        .expect("openssl");
-    text(&out.stdout)
-}
-
-fn normalised(pem: &str) -> String {
-    let mut child = Command::new("openssl")
-        .arg("x509")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl");
-    use std::io::Write as _;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(pem.as_bytes());
-    }
-    text(&child.wait_with_output().expect("openssl").stdout)
 }
 
 fn secret_field(namespace: &str, name: &str, key: &str) -> String {
@@ -504,34 +514,20 @@ fn helm_4_installs_a_provider_that_admits_reconciles_upgrades_rotates_and_uninst
     let _cleanup = Cleanup::release(&bed().tools.helm, release, namespace);
     let (uri, socket_dir) = libvirt_socket();
     let chart = chart::chart_dir();
-    let mut args = vec![
-        "install".to_owned(),
-        release.into(),
-        chart.to_string_lossy().into_owned(),
-        "--namespace".into(),
-        namespace.into(),
-        "--create-namespace".into(),
-    ];
-    for value in image_values().into_iter().chain([
-        "manager.allowTestDriver=false".into(),
-        "libvirt.socket.enabled=true".into(),
-        format!("libvirt.socket.hostPath={socket_dir}"),
-        // libvirtd looks the client's uid up on its own host: it must exist there (`nobody`).
-        "securityContext.runAsUser=65534".into(),
-        "securityContext.runAsGroup=65534".into(),
-    ]) {
-        args.extend(["--set".into(), value]);
-    }
-    let installing = Instant::now();
-    helm_ok(
+    install_release(
         &tools.helm,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        release,
+        namespace,
+        &[
+            "manager.allowTestDriver=false".into(),
+            "libvirt.socket.enabled=true".into(),
+            format!("libvirt.socket.hostPath={socket_dir}"),
+            // libvirtd looks the client's uid up on its own host: it must exist there (`nobody`).
+            "securityContext.runAsUser=65534".into(),
+            "securityContext.runAsGroup=65534".into(),
+        ],
     );
-    let deployment = format!("{release}-cluster-api-provider-libvirt-controller-manager");
-    let (to_ready, per_pod) = wait_ready(namespace, &deployment, installing);
-    eprintln!(
-        "helm 4 install → 2 replicas Ready: {to_ready:.1?}; container start → Ready per pod (s): {per_pod:?}"
-    );
+    let deployment = deployment_of(release);
     for crd in [
         "libvirtclusters",
         "libvirtmachines",
@@ -619,13 +615,14 @@ fn helm_4_installs_a_provider_that_admits_reconciles_upgrades_rotates_and_uninst
         Duration::from_secs(60),
         || {
             let ca = secret_field(namespace, &secret, "ca.crt");
-            let cert = normalised(&secret_field(namespace, &secret, "tls.crt"));
+            let cert =
+                support::certs::first_certificate(&secret_field(namespace, &secret, "tls.crt"));
             ca.matches("BEGIN CERTIFICATE").count() == 2
                 && ca.ends_with(&old_ca)
                 && !cert.is_empty()
-                && pod_ips(namespace)
-                    .iter()
-                    .all(|ip| served_by(ip, 9443) == cert)
+                && pod_ips(namespace).iter().all(|ip| {
+                    support::certs::served_certificate(&format!("{ip}:9443"), None) == cert
+                })
         },
     );
     std::thread::sleep(Duration::from_secs(3));
@@ -637,16 +634,11 @@ fn helm_4_installs_a_provider_that_admits_reconciles_upgrades_rotates_and_uninst
     assert_eq!(counted.failed, 0, "{:#?}", counted.failures);
 
     // Uninstall leaves the CRDs only.
-    helm_ok(
-        &tools.helm,
-        &[
-            "uninstall",
-            release,
-            "--namespace",
-            namespace,
-            "--wait",
-            "--timeout=120s",
-        ],
+    let out = uninstall_release(&tools.helm, release, namespace, "120s");
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        text(&out.stderr)
     );
     nothing_left_but_the_crds(release, namespace);
 }
@@ -657,37 +649,13 @@ fn helm_3_installs_and_uninstalls_the_same_chart() {
     let tools = &bed().tools;
     let (release, namespace) = ("capl3", "capl-helm3");
     let _cleanup = Cleanup::release(&bed().tools.helm3, release, namespace);
-    let chart = chart::chart_dir();
-    let mut args = vec![
-        "install".to_owned(),
-        release.into(),
-        chart.to_string_lossy().into_owned(),
-        "--namespace".into(),
-        namespace.into(),
-        "--create-namespace".into(),
-    ];
-    for value in image_values() {
-        args.extend(["--set".into(), value]);
-    }
-    let installing = Instant::now();
-    helm_ok(
-        &tools.helm3,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let deployment = format!("{release}-cluster-api-provider-libvirt-controller-manager");
-    let (to_ready, per_pod) = wait_ready(namespace, &deployment, installing);
-    eprintln!("helm 3 install → Ready: {to_ready:.1?}; per pod (s): {per_pod:?}");
+    install_release(&tools.helm3, release, namespace, &[]);
     admission_goes_through_the_pods("install-workload-3");
-    helm_ok(
-        &tools.helm3,
-        &[
-            "uninstall",
-            release,
-            "--namespace",
-            namespace,
-            "--wait",
-            "--timeout=120s",
-        ],
+    let out = uninstall_release(&tools.helm3, release, namespace, "120s");
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        text(&out.stderr)
     );
     nothing_left_but_the_crds(release, namespace);
 }
@@ -795,7 +763,7 @@ fn clusterctl_init_from_a_local_repository_brings_up_the_same_pod() {
     kubectl(&["apply", "-f", "-"], Some(&core_provider.to_string()));
 
     let home = dir.join("home");
-    let out = std::process::Command::new(&tools.clusterctl)
+    let out = Command::new(&tools.clusterctl)
         .args([
             "init",
             "--infrastructure",
@@ -918,7 +886,7 @@ fn clusterctl_init_from_a_local_repository_brings_up_the_same_pod() {
     admission_goes_through_the_pods("clusterctl-workload");
 
     // clusterctl removes what it installed (the CRDs stay unless asked).
-    let out = std::process::Command::new(&tools.clusterctl)
+    let out = Command::new(&tools.clusterctl)
         .args([
             "delete",
             "--infrastructure",

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -79,36 +78,12 @@ fn bundles(bed: &support::TestBed) -> Vec<String> {
     found
 }
 
-/// The PEM certificate a webhook server presents (via openssl, trusting nothing).
+/// The PEM certificate a replica presents.
 fn served(port: u16) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "openssl s_client -connect 127.0.0.1:{port} -servername {SERVICE}.{NAMESPACE}.svc </dev/null 2>/dev/null | openssl x509"
-        ))
-        .stderr(Stdio::null())
-        .output()
-        .expect("openssl");
-    text(&out.stdout)
-}
-
-/// The first certificate of a PEM bundle, normalised by openssl.
-fn first_cert(pem: &str) -> String {
-    let mut child = Command::new("openssl")
-        .arg("x509")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl");
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(pem.as_bytes())
-        .expect("write");
-    text(&child.wait_with_output().expect("openssl").stdout)
+    support::certs::served_certificate(
+        &format!("127.0.0.1:{port}"),
+        Some(&format!("{SERVICE}.{NAMESPACE}.svc")),
+    )
 }
 
 fn count_certs(pem: &str) -> usize {
@@ -122,7 +97,7 @@ fn both_serve_the_secret(bed: &support::TestBed, ports: [u16; 2], what: &str) ->
         Duration::from_secs(30),
         Duration::from_millis(200),
         || {
-            let cert = first_cert(&field(&secret_data(bed), "tls.crt"));
+            let cert = support::certs::first_certificate(&field(&secret_data(bed), "tls.crt"));
             Ok(
                 (!cert.is_empty() && ports.iter().all(|port| served(*port) == cert))
                     .then_some(cert),
@@ -228,7 +203,7 @@ fn self_managed_certificates_are_injected_renewed_and_rotated_without_a_lost_adm
         Duration::from_secs(30),
         Duration::from_millis(200),
         || {
-            let cert = first_cert(&field(&secret_data(bed), "tls.crt"));
+            let cert = support::certs::first_certificate(&field(&secret_data(bed), "tls.crt"));
             Ok((!cert.is_empty() && cert != initial_cert).then_some(cert))
         },
     )
@@ -262,8 +237,8 @@ fn self_managed_certificates_are_injected_renewed_and_rotated_without_a_lost_adm
     )
     .expect("rotated");
     assert_ne!(
-        first_cert(&rotated_ca),
-        first_cert(&first_ca),
+        support::certs::first_certificate(&rotated_ca),
+        support::certs::first_certificate(&first_ca),
         "a new CA first"
     );
     assert!(rotated_ca.ends_with(&first_ca), "then the previous CA");
@@ -282,7 +257,7 @@ fn self_managed_certificates_are_injected_renewed_and_rotated_without_a_lost_adm
         Duration::from_secs(60),
         Duration::from_millis(500),
         || {
-            let cert = first_cert(&field(&secret_data(bed), "tls.crt"));
+            let cert = support::certs::first_certificate(&field(&secret_data(bed), "tls.crt"));
             Ok((!cert.is_empty() && cert != rotated_cert).then_some(cert))
         },
     )

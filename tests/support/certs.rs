@@ -118,3 +118,42 @@ pub fn key_pair_pem() -> Result<(String, String)> {
     let key = KeyPair::generate()?;
     Ok((key.serialize_pem(), key.public_key_pem()))
 }
+
+/// The PEM certificate a TLS server at `address` (`host:port`) presents for `server_name` (or
+/// without SNI), read with openssl, trusting nothing; empty when none could be read.
+pub fn served_certificate(address: &str, server_name: Option<&str>) -> String {
+    let sni = server_name
+        .map(|name| format!(" -servername {name}"))
+        .unwrap_or_default();
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {address}{sni} </dev/null 2>/dev/null | openssl x509"
+        ))
+        .stderr(std::process::Stdio::null())
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The first certificate of a PEM bundle, as openssl prints it (comparable with
+/// [`served_certificate`]); empty when `pem` holds none.
+pub fn first_certificate(pem: &str) -> String {
+    use std::io::Write as _;
+    let Ok(mut child) = std::process::Command::new("openssl")
+        .arg("x509")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        return String::new();
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(pem.as_bytes());
+    }
+    child
+        .wait_with_output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default()
+}

@@ -911,6 +911,11 @@ fn kill_namespace(netns: &str) {
 
 /// Every mounted cgroup v1 hierarchy (`/sys/fs/cgroup/<name>`).
 fn cgroup_hierarchies() -> Vec<PathBuf> {
+    mount_points_of_type("cgroup")
+}
+
+/// Mount points of filesystems of type `fs_type` (`/proc/self/mounts`).
+fn mount_points_of_type(fs_type: &str) -> Vec<PathBuf> {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
         return Vec::new();
     };
@@ -918,7 +923,7 @@ fn cgroup_hierarchies() -> Vec<PathBuf> {
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.len() > 2 && fields[2] == "cgroup").then(|| PathBuf::from(fields[1]))
+            (fields.len() > 2 && fields[2] == fs_type).then(|| PathBuf::from(fields[1]))
         })
         .collect()
 }
@@ -996,26 +1001,15 @@ fn remove_cgroups(root: &str) {
         let _ = std::fs::remove_dir(dir);
     }
     // The kubelet and runc also make `<root>/kubepods/...` on the cgroup2 (unified) mount.
-    for hierarchy in cgroup_hierarchies().into_iter().chain(cgroup2_mounts()) {
+    for hierarchy in cgroup_hierarchies()
+        .into_iter()
+        .chain(mount_points_of_type("cgroup2"))
+    {
         let dir = hierarchy.join(root);
         if dir.exists() {
             remove(&dir);
         }
     }
-}
-
-/// Mount points of the cgroup2 (unified) hierarchy, if mounted.
-fn cgroup2_mounts() -> Vec<PathBuf> {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return Vec::new();
-    };
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.len() > 2 && fields[2] == "cgroup2").then(|| PathBuf::from(fields[1]))
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------- mounts and files
