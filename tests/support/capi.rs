@@ -1,8 +1,9 @@
-//! The real Cluster API core manager, run as a local process against the bed.
+//! The real Cluster API managers (core, and the kubeadm bootstrap and control-plane providers),
+//! run as local processes against the bed.
 //!
-//! A plain kube-apiserver has no nodes, so nothing runs in Pods: CAPI's CRDs (from the Go module
-//! cache) and webhook configurations are installed with their conversion and admission client
-//! configs pointing by URL at the manager's webhook server on 127.0.0.1, which serves a
+//! A plain kube-apiserver has no nodes, so nothing runs in Pods: each manager's CRDs (from the Go
+//! module cache) and webhook configurations are installed with their conversion and admission
+//! client configs pointing by URL at that manager's webhook server on 127.0.0.1, which serves a
 //! certificate from the bed's CA.
 
 use std::io::{Read, Write};
@@ -20,7 +21,49 @@ use super::apiserver::{ControlPlane, free_port};
 use super::process::{Lifetime, Proc, poll};
 use super::tools::Tools;
 
-/// A running CAPI core manager.
+/// Which Cluster API manager to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provider {
+    /// The core manager (Cluster, Machine, MachineSet, MachineDeployment, ...).
+    Core,
+    /// The kubeadm bootstrap provider (KubeadmConfig: the cloud-config that runs kubeadm).
+    KubeadmBootstrap,
+    /// The kubeadm control-plane provider (KubeadmControlPlane).
+    KubeadmControlPlane,
+}
+
+impl Provider {
+    /// The manager's name (its binary in the tools cache, its log, its webhook prefix).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Core => "capi-manager",
+            Self::KubeadmBootstrap => "capi-kubeadm-bootstrap-manager",
+            Self::KubeadmControlPlane => "capi-kubeadm-control-plane-manager",
+        }
+    }
+
+    /// The provider's directory in the `sigs.k8s.io/cluster-api` module (`config/` below it).
+    fn module_dir(self) -> &'static str {
+        match self {
+            Self::Core => "core",
+            Self::KubeadmBootstrap => "bootstrap/kubeadm",
+            Self::KubeadmControlPlane => "controlplane/kubeadm",
+        }
+    }
+
+    fn binary(self, tools: &Tools) -> PathBuf {
+        match self {
+            Self::Core => tools.capi_manager.clone(),
+            other => tools
+                .capi_manager
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(other.name()),
+        }
+    }
+}
+
+/// A running Cluster API manager.
 pub struct CapiCore {
     pub webhook_url: String,
     /// Names of the installed CRDs.
@@ -29,14 +72,27 @@ pub struct CapiCore {
 }
 
 impl CapiCore {
-    /// Installs CAPI's core CRDs and webhook configurations, starts the manager and waits until it
-    /// reports ready (which includes its webhook server).
+    /// Installs CAPI's core CRDs and webhook configurations, starts the core manager and waits
+    /// until it reports ready (which includes its webhook server).
     pub fn start(
         tools: &Tools,
         plane: &ControlPlane,
         dir: &Path,
         lifetime: Lifetime,
     ) -> Result<Self> {
+        Self::start_provider(tools, plane, dir, lifetime, Provider::Core)
+    }
+
+    /// Installs `provider`'s CRDs and webhook configurations, starts its manager and waits until
+    /// it reports ready.
+    pub fn start_provider(
+        tools: &Tools,
+        plane: &ControlPlane,
+        dir: &Path,
+        lifetime: Lifetime,
+        provider: Provider,
+    ) -> Result<Self> {
+        let config = tools.capi_src.join(provider.module_dir()).join("config");
         std::fs::create_dir_all(dir)?;
         let webhook_port = free_port()?;
         let health_port = free_port()?;
@@ -52,22 +108,22 @@ impl CapiCore {
 
         let mut objects = Vec::new();
         let mut crds = Vec::new();
-        for path in yaml_files(&tools.capi_src.join("core/config/crd/bases"))? {
+        let labels = kustomize_labels(&config.join("crd/kustomization.yaml"))?;
+        for path in yaml_files(&config.join("crd/bases"))? {
             for mut crd in read_yaml_docs(&path)? {
                 point_conversion_at(&mut crd, &webhook_url, &ca_bundle);
+                add_labels(&mut crd, &labels);
                 if let Some(name) = crd.pointer("/metadata/name").and_then(Value::as_str) {
                     crds.push(name.to_owned());
                 }
                 objects.push(crd);
             }
         }
-        for mut config in
-            read_yaml_docs(&tools.capi_src.join("core/config/webhook/manifests.yaml"))?
-        {
-            point_webhooks_at(&mut config, &webhook_url, &ca_bundle)?;
-            objects.push(config);
+        for mut webhooks in read_yaml_docs(&config.join("webhook/manifests.yaml"))? {
+            point_webhooks_at(&mut webhooks, provider, &webhook_url, &ca_bundle)?;
+            objects.push(webhooks);
         }
-        let manifest = dir.join("capi-core.json");
+        let manifest = dir.join(format!("{}.json", provider.name()));
         std::fs::write(
             &manifest,
             serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "List", "items": objects}))?,
@@ -85,7 +141,7 @@ impl CapiCore {
         wait.extend(crd_refs.iter().map(String::as_str));
         plane.kubectl_ok(&wait)?;
 
-        let mut cmd = Command::new(&tools.capi_manager);
+        let mut cmd = Command::new(provider.binary(tools));
         cmd.env("KUBECONFIG", &plane.kubeconfig)
             .arg(format!("--webhook-port={webhook_port}"))
             .arg(format!("--webhook-cert-dir={}", cert_dir.display()))
@@ -96,9 +152,10 @@ impl CapiCore {
             .arg("--insecure-diagnostics")
             .arg("--leader-elect=false")
             .arg("--v=2");
-        let mut proc = Proc::spawn("capi-manager", cmd, &dir.join("capi-manager.log"), lifetime)?;
+        let log = dir.join(format!("{}.log", provider.name()));
+        let mut proc = Proc::spawn(provider.name(), cmd, &log, lifetime)?;
         poll(
-            "the CAPI core manager to be ready",
+            &format!("{} to be ready", provider.name()),
             Duration::from_secs(120),
             Duration::from_millis(250),
             || {
@@ -120,6 +177,32 @@ impl CapiCore {
     pub fn detach(self) -> (String, u32) {
         let name = self.proc.name().to_owned();
         (name, self.proc.detach())
+    }
+}
+
+/// The labels a kustomization adds to its resources (`labels[].pairs`): Cluster API's contract
+/// labels (`cluster.x-k8s.io/v1beta2: v1beta2`), which its controllers read off the CRDs.
+fn kustomize_labels(path: &Path) -> Result<serde_json::Map<String, Value>> {
+    let mut labels = serde_json::Map::new();
+    for doc in read_yaml_docs(path)? {
+        for entry in doc["labels"].as_array().into_iter().flatten() {
+            if let Some(pairs) = entry["pairs"].as_object() {
+                labels.extend(pairs.clone());
+            }
+        }
+    }
+    Ok(labels)
+}
+
+fn add_labels(object: &mut Value, labels: &serde_json::Map<String, Value>) {
+    if labels.is_empty() {
+        return;
+    }
+    if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        let existing = metadata.entry("labels").or_insert_with(|| json!({}));
+        if let Some(existing) = existing.as_object_mut() {
+            existing.extend(labels.clone());
+        }
     }
 }
 
@@ -146,12 +229,22 @@ fn point_conversion_at(crd: &mut Value, url: &str, ca_bundle: &str) {
     }
 }
 
-/// Replaces each webhook's in-cluster service reference by a URL on loopback.
-fn point_webhooks_at(config: &mut Value, url: &str, ca_bundle: &str) -> Result<()> {
+/// Replaces each webhook's in-cluster service reference by a URL on loopback, and prefixes the
+/// configuration's name with the provider's (every provider ships the same names).
+fn point_webhooks_at(
+    config: &mut Value,
+    provider: Provider,
+    url: &str,
+    ca_bundle: &str,
+) -> Result<()> {
     let kind = config["kind"].as_str().unwrap_or_default().to_owned();
+    let prefix = match provider {
+        Provider::Core => "capi",
+        other => other.name().trim_end_matches("-manager"),
+    };
     if let Some(name) = config.pointer_mut("/metadata/name") {
         *name = json!(format!(
-            "capi-{}",
+            "{prefix}-{}",
             name.as_str().unwrap_or("webhook-configuration")
         ));
     }

@@ -22,6 +22,7 @@ pub mod node;
 pub mod oci;
 pub mod process;
 pub mod tools;
+pub mod workload;
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -43,6 +44,8 @@ pub struct TestBed {
     pub dir: PathBuf,
     plane: Mutex<Option<ControlPlane>>,
     capi: Mutex<Option<CapiCore>>,
+    /// The kubeadm bootstrap and control-plane managers (started together on first use).
+    capi_kubeadm: Mutex<Vec<CapiCore>>,
     libvirtd: Mutex<Option<Libvirtd>>,
     node: Mutex<Option<Node>>,
     provider_crds: Mutex<bool>,
@@ -140,6 +143,7 @@ impl TestBed {
             dir: temp.path().to_owned(),
             plane: Mutex::new(Some(plane)),
             capi: Mutex::new(None),
+            capi_kubeadm: Mutex::new(Vec::new()),
             libvirtd: Mutex::new(None),
             node: Mutex::new(node),
             provider_crds: Mutex::new(false),
@@ -218,6 +222,32 @@ impl TestBed {
         capi.as_ref()
             .map(|c| c.webhook_url.clone())
             .unwrap_or_default()
+    }
+
+    /// Starts the CAPI core manager and the kubeadm bootstrap and control-plane managers on
+    /// first use (KubeadmConfig and KubeadmControlPlane then work as in a real management cluster).
+    pub fn capi_kubeadm(&self) {
+        self.capi();
+        let mut managers = lock(&self.capi_kubeadm);
+        if !managers.is_empty() {
+            return;
+        }
+        let plane = self.plane();
+        let plane = plane.as_ref().expect("the control plane is running");
+        for provider in [
+            capi::Provider::KubeadmBootstrap,
+            capi::Provider::KubeadmControlPlane,
+        ] {
+            let started = CapiCore::start_provider(
+                &self.tools,
+                plane,
+                &self.dir.join(provider.name()),
+                Lifetime::TestProcess,
+                provider,
+            )
+            .unwrap_or_else(|e| panic!("{} did not start: {e:#}", provider.name()));
+            managers.push(started);
+        }
     }
 
     /// Starts the real libvirtd on first use.
@@ -299,6 +329,7 @@ impl TestBed {
     /// Stops everything (CAPI, libvirtd, the node, apiserver, etcd) and removes the temp dir.
     /// Idempotent.
     pub fn shutdown(&self) {
+        drop(std::mem::take(&mut *lock(&self.capi_kubeadm)));
         drop(lock(&self.capi).take());
         drop(lock(&self.libvirtd).take());
         // The node's agents before the apiserver (which otherwise waits out its grace period for
