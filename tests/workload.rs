@@ -4,8 +4,8 @@
 //! The bed's management plane runs the real Cluster API core, kubeadm bootstrap and kubeadm
 //! control-plane managers and this provider's `manager`; the cluster comes from
 //! `deploy/cluster-template.yaml` through `clusterctl generate cluster`. The provider downloads
-//! the node image (`tests/workload/node-image.sh`: Debian 12, cloud-init, containerd, kubeadm and
-//! every control-plane image pre-imported) over HTTP from the host, verifies its sha256 and
+//! the node image (`support::node_image`, `tests/testbed node-image`: Debian 12, cloud-init,
+//! containerd, kubeadm and every control-plane image pre-imported) over HTTP from the host, verifies its sha256 and
 //! boots a VM on the bed's real libvirtd (TCG unless `CAPL_WORKLOAD_DOMAIN_TYPE=kvm`). The VM's
 //! cloud-init runs `kubeadm init` from the KubeadmConfig's bootstrap data; the workload
 //! apiserver answers through the cluster's kubeconfig Secret, the Node carries the
@@ -50,7 +50,7 @@ async fn a_kubeadm_control_plane_on_a_provider_made_vm_becomes_the_workload_clus
         timings.push((what.to_owned(), at));
     };
 
-    let image = support::workload::node_image().expect("the node image");
+    let image = support::node_image::node_image().expect("the node image");
     mark("node image ready", &mut timings);
 
     let bed = support::shared();
@@ -364,16 +364,23 @@ fn cluster_manifest(
     let mut docs = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let mut value: Value = serde::Deserialize::deserialize(doc).expect("YAML");
+        // Under TCG the apiserver takes minutes to start and its first calls are slow.
+        let timeouts = json!({
+                "controlPlaneComponentHealthCheckSeconds": 1200,
+                "kubeletHealthCheckSeconds": 600,
+                "kubernetesAPICallSeconds": 600,
+                "etcdAPICallSeconds": 600,
+                "tlsBootstrapSeconds": 600,
+                "discoverySeconds": 600,
+        });
         if value["kind"] == "KubeadmControlPlane" {
             let spec = &mut value["spec"]["kubeadmConfigSpec"];
             spec["preKubeadmCommands"] = json!([format!("ip addr add {endpoint}/32 dev lo")]);
             // KubeadmControlPlane wants the same timeouts for init and join.
-            let timeouts = json!({
-                "controlPlaneComponentHealthCheckSeconds": 1200,
-                "kubeletHealthCheckSeconds": 600,
-            });
             spec["initConfiguration"]["timeouts"] = timeouts.clone();
             spec["joinConfiguration"]["timeouts"] = timeouts;
+        } else if value["kind"] == "KubeadmConfigTemplate" {
+            value["spec"]["template"]["spec"]["joinConfiguration"]["timeouts"] = timeouts;
         }
         if !value.is_null() {
             docs.push(value);

@@ -19,6 +19,7 @@ pub mod guest_host;
 pub mod image;
 pub mod libvirtd;
 pub mod node;
+pub mod node_image;
 pub mod oci;
 pub mod process;
 pub mod tools;

@@ -88,6 +88,7 @@ fn main() -> Result<()> {
         Some("versions") => versions(),
         Some("run") => run::run(&args[1..]),
         Some("image") => support::image::cli(&args[1..]),
+        Some("node-image") => support::node_image::cli(&args[1..]),
         _ => usage(),
     }
 }

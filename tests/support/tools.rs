@@ -20,6 +20,10 @@ pub struct Versions {
     pub helm3: String,
     pub cluster_api: String,
     pub containerd: String,
+    /// crictl in the workload node image.
+    pub cri_tools: String,
+    /// CoreDNS in the workload node image.
+    pub coredns: String,
 }
 
 /// Paths of every real component the bed runs.
@@ -49,6 +53,11 @@ pub struct Tools {
     pub containerd_dir: Option<PathBuf>,
     /// The bed's pause program (sandbox image and test probe).
     pub pause: Option<PathBuf>,
+    /// kubeadm, crictl and CoreDNS: only the workload node image needs them
+    /// (`install.sh --workload`).
+    pub kubeadm: Option<PathBuf>,
+    pub crictl: Option<PathBuf>,
+    pub coredns: Option<PathBuf>,
 }
 
 /// Fails with how to get a node component that [`Tools::locate`] did not find.
@@ -57,7 +66,8 @@ pub fn require<'a>(tool: &'a Option<PathBuf>, name: &str) -> Result<&'a PathBuf>
         .with_context(|| format!("{name} is not built; {INSTALL_HINT}"))
 }
 
-const INSTALL_HINT: &str = "run `tests/tools/install.sh` (README's test command does) to build it";
+const INSTALL_HINT: &str = "run `tests/tools/install.sh` (README's test command does; \
+     `--workload` for the node image's tools) to build it";
 
 impl Tools {
     /// Locates every tool; a missing one is an error that says how to get it.
@@ -76,6 +86,8 @@ impl Tools {
             helm3: pin("HELM3_VERSION")?,
             cluster_api: pin("CLUSTER_API_VERSION")?,
             containerd: pin("CONTAINERD_VERSION")?,
+            cri_tools: pin("CRI_TOOLS_VERSION")?,
+            coredns: pin("COREDNS_VERSION")?,
         };
         let optional = |env: &str, default: PathBuf| -> Option<PathBuf> {
             let path = std::env::var_os(env).map(PathBuf::from).unwrap_or(default);
@@ -126,6 +138,19 @@ impl Tools {
                 cache.join(format!("containerd-{}", versions.containerd)),
             ),
             pause: pause_binary(repo, &cache),
+            kubeadm: optional("CAPL_KUBEADM", kubernetes.join("kubeadm")),
+            crictl: optional(
+                "CAPL_CRICTL",
+                cache
+                    .join(format!("cri-tools-{}", versions.cri_tools))
+                    .join("crictl"),
+            ),
+            coredns: optional(
+                "CAPL_COREDNS",
+                cache
+                    .join(format!("coredns-{}", versions.coredns))
+                    .join("coredns"),
+            ),
             versions,
         };
         Ok(tools)

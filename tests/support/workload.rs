@@ -4,12 +4,12 @@
 //!   side reaches: a veth pair joins the host to libvirtd's network namespace, the host routes
 //!   the guests' subnet over it, and the namespace has no route anywhere else, so the guests
 //!   reach the host's veth address and each other, nothing beyond;
-//! - the Kubernetes node image (`tests/workload/node-image.sh`), served over HTTP on the host's
-//!   veth address (an address the provider's download rules accept, unlike loopback) with its
-//!   sha256, so machines take the provider's normal download-verify-upload path.
+//! - an HTTP server for the Kubernetes node image ([`super::node_image`]) on the host's veth
+//!   address (an address the provider's download rules accept, unlike loopback), so machines
+//!   take the provider's normal download-verify-upload path.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -136,49 +136,6 @@ fn ip(args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The node image made by `tests/workload/node-image.sh`.
-#[derive(Clone, Debug)]
-pub struct NodeImage {
-    /// The qcow2 file.
-    pub path: PathBuf,
-    /// Its sha256, hex.
-    pub sha256: String,
-    /// The container images pre-imported into its containerd.
-    pub images: Vec<String>,
-}
-
-/// Builds the node image (once per version; cached) and returns it. `CAPL_NODE_IMAGE_DIR` names
-/// a directory laid out like the script's output instead (an image built elsewhere).
-pub fn node_image() -> Result<NodeImage> {
-    let dir = match std::env::var_os("CAPL_NODE_IMAGE_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workload/node-image.sh");
-            let out = Command::new(&script)
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .with_context(|| format!("running {}", script.display()))?;
-            if !out.status.success() {
-                bail!("{} failed (its output is above)", script.display());
-            }
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        }
-    };
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name))
-            .with_context(|| format!("reading {}", dir.join(name).display()))
-    };
-    Ok(NodeImage {
-        path: dir.join("node.qcow2"),
-        sha256: read("node.qcow2.sha256")?.trim().to_owned(),
-        images: read("images.txt")?
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_owned)
-            .collect(),
-    })
 }
 
 /// An HTTP server for one directory (Python's `http.server`), listening on [`HOST_IP`].

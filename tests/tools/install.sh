@@ -6,9 +6,18 @@
 #     binaries, and the bed's pause program, built from the Go modules pinned in versions.env
 #     (and tests/tools/pause) into a cache outside the clone, keyed by version. A second run is a
 #     no-op.
+# With `--workload`, also what the workload node image needs (tests/workload/node-image.sh):
+# kubeadm, crictl and CoreDNS from pinned Go modules, and the Debian tools that build the image.
 # Prints `export CAPL_TOOLS_DIR=...` last, so `eval "$(tests/tools/install.sh)"` works;
 # progress goes to stderr.
 set -euo pipefail
+workload=""
+for arg in "$@"; do
+	case "$arg" in
+	--workload) workload=1 ;;
+	*) printf 'usage: %s [--workload]\n' "$0" >&2; exit 2 ;;
+	esac
+done
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
@@ -27,10 +36,13 @@ apt_packages=(
 	openssl ca-certificates cpio xz-utils kmod
 	runc containernetworking-plugins conntrack
 )
+# The node image (--workload): a Debian root file system, a FAT boot partition with SYSLINUX, ext4.
+workload_packages=(mmdebstrap syslinux syslinux-common mtools dosfstools fdisk e2fsprogs)
 
 install_apt() {
-	local missing=()
-	for p in "${apt_packages[@]}"; do
+	local missing=() wanted=("${apt_packages[@]}")
+	[ -z "$workload" ] || wanted+=("${workload_packages[@]}")
+	for p in "${wanted[@]}"; do
 		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 	done
 	if [ ${#missing[@]} -eq 0 ]; then
@@ -88,14 +100,18 @@ pause_key() {
 	echo "pause-$(cat "$here/pause/go.mod" "$here/pause/main.go" | sha256sum | cut -c1-16)"
 }
 
-install_go_tools() {
-	command -v go >/dev/null || { log "go is required to build the test-bed tools"; exit 1; }
-	local kmaj kmin
+# The version Kubernetes binaries report (`kubelet --version`, kubeadm's own checks).
+kubernetes_ldflags() {
+	local kmaj kmin kv=k8s.io/component-base/version
 	kmaj="${KUBERNETES_VERSION#v}"; kmaj="${kmaj%%.*}"
 	kmin="$(echo "$KUBERNETES_VERSION" | cut -d. -f2)"
-	local kv=k8s.io/component-base/version
-	local kld="-X $kv.gitVersion=$KUBERNETES_VERSION -X $kv.gitMajor=$kmaj -X $kv.gitMinor=$kmin -X $kv.gitTreeState=clean"
-	local kk="kubernetes-$KUBERNETES_VERSION"
+	echo "-X $kv.gitVersion=$KUBERNETES_VERSION -X $kv.gitMajor=$kmaj -X $kv.gitMinor=$kmin -X $kv.gitTreeState=clean"
+}
+
+install_go_tools() {
+	command -v go >/dev/null || { log "go is required to build the test-bed tools"; exit 1; }
+	local kld kk="kubernetes-$KUBERNETES_VERSION"
+	kld="$(kubernetes_ldflags)"
 	go_build kube-apiserver "$kk" kubernetes k8s.io/kubernetes/cmd/kube-apiserver "$kld"
 	# The bed's node (tests/support/node.rs): a kubelet and kube-proxy, plus the controller
 	# manager and scheduler so that Deployments get Pods and Pods get the node.
@@ -155,11 +171,37 @@ install_go_tools() {
 	(cd "$here/cluster-api" && go mod download sigs.k8s.io/cluster-api)
 }
 
+# go_install <name> <version-key> <package@version> [ldflags]: modules without replace
+# directives build straight from the proxy.
+go_install() {
+	local name="$1" key="$2" pkg="$3" ldflags="${4:-}"
+	local out="$tools/$key/$name"
+	if [ -x "$out" ]; then
+		log "$name: cached ($key)"
+		return
+	fi
+	log "$name: building $pkg"
+	local start=$SECONDS
+	mkdir -p "$tools/$key"
+	GOBIN="$tools/$key" go install -trimpath -ldflags "-s -w $ldflags" "$pkg"
+	log "$name: built in $((SECONDS - start))s"
+}
+
+# The workload node image's own tools: kubeadm (beside the bed's kubelet and control-plane
+# binaries, which the image reuses), crictl and CoreDNS (the versions kubeadm deploys).
+install_workload_tools() {
+	go_build kubeadm "kubernetes-$KUBERNETES_VERSION" kubernetes k8s.io/kubernetes/cmd/kubeadm "$(kubernetes_ldflags)"
+	go_install crictl "cri-tools-$CRI_TOOLS_VERSION" "sigs.k8s.io/cri-tools/cmd/crictl@$CRI_TOOLS_VERSION" \
+		"-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRI_TOOLS_VERSION"
+	go_install coredns "coredns-$COREDNS_VERSION" "github.com/coredns/coredns@$COREDNS_VERSION"
+}
+
 if [ "${CAPL_SKIP_APT:-}" != 1 ]; then
 	install_apt
 	ensure_libvirt_user
 fi
 install_go_tools
+[ -z "$workload" ] || install_workload_tools
 
 capi_src="$(cd "$here/cluster-api" && go list -m -f '{{.Dir}}' sigs.k8s.io/cluster-api)"
 echo "export CAPL_CACHE_DIR='$cache'"
@@ -177,3 +219,8 @@ echo "export CAPL_KUBE_CONTROLLER_MANAGER='$kdir/kube-controller-manager'"
 echo "export CAPL_KUBE_SCHEDULER='$kdir/kube-scheduler'"
 echo "export CAPL_CONTAINERD_DIR='$tools/containerd-$CONTAINERD_VERSION'"
 echo "export CAPL_PAUSE='$tools/$(pause_key)/pause'"
+if [ -n "$workload" ]; then
+	echo "export CAPL_KUBEADM='$kdir/kubeadm'"
+	echo "export CAPL_CRICTL='$tools/cri-tools-$CRI_TOOLS_VERSION/crictl'"
+	echo "export CAPL_COREDNS='$tools/coredns-$COREDNS_VERSION/coredns'"
+fi
