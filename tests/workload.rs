@@ -212,6 +212,8 @@ async fn a_kubeadm_control_plane_on_a_provider_made_vm_becomes_the_workload_clus
         })
         .await;
     mark("Cluster Available", &mut timings);
+    machines_ready(&diagnose, &client, 1).await;
+    mark("Cluster API reports the Machine Ready", &mut timings);
     let describe = clusterctl(
         &bed.tools.clusterctl,
         &bed.kubeconfig,
@@ -265,6 +267,11 @@ async fn a_kubeadm_control_plane_on_a_provider_made_vm_becomes_the_workload_clus
             &format!("{workers} worker(s) joined and Ready"),
             &mut timings,
         );
+        machines_ready(&diagnose, &client, 1 + workers as usize).await;
+        mark(
+            "Cluster API reports every Machine Ready with its nodeRef",
+            &mut timings,
+        );
     }
     println!(
         "workload nodes:\n{}",
@@ -307,10 +314,44 @@ async fn a_kubeadm_control_plane_on_a_provider_made_vm_becomes_the_workload_clus
     }
 }
 
+/// Waits until Cluster API has `count` Machines, each with a nodeRef and `Ready` true (it reads
+/// the Nodes through the workload cluster's kubeconfig on its own schedule, after the Node itself
+/// turned Ready).
+async fn machines_ready(diagnose: &Diagnostics<'_>, client: &Client, count: usize) {
+    diagnose
+        .wait(
+            &format!("{count} Machine(s) Ready with a nodeRef"),
+            SHORT,
+            || async {
+                let list = capi(client, NS, "Machine")
+                    .list(&Default::default())
+                    .await
+                    .ok()?;
+                let ready = list
+                    .items
+                    .iter()
+                    .filter(|m| {
+                        m.data.pointer("/status/nodeRef/name").is_some()
+                            && m.data
+                                .get("status")
+                                .and_then(|s| condition(s, "Ready"))
+                                .is_some_and(|c| c["status"] == "True")
+                    })
+                    .count();
+                (ready == count && list.items.len() == count).then_some(())
+            },
+        )
+        .await;
+}
+
 /// `clusterctl generate cluster` from `deploy/cluster-template.yaml` (the variables a user
-/// sets), then the two settings a one-machine TCG bed needs on the KubeadmControlPlane: the
-/// control-plane endpoint as a second address of the first control-plane machine (users run a
-/// load balancer or kube-vip there) and longer kubeadm health-check timeouts.
+/// sets), then what a one-machine TCG bed needs on top (users on KVM need none of it but the
+/// endpoint): the control-plane endpoint as a second address of the first control-plane machine
+/// (users run a load balancer or kube-vip there), and patience, because emulated CPUs run the
+/// control plane about ten times slower: longer kubeadm timeouts, longer leader-election leases
+/// for the controller manager and scheduler (their renewals miss the 10 s default while another
+/// VM boots, and each miss restarts them), and more failed probes before the kubelet restarts a
+/// static Pod (kubeadm patches).
 fn cluster_manifest(
     clusterctl: &Path,
     uri: &str,
@@ -350,7 +391,9 @@ fn cluster_manifest(
         .env("LIBVIRT_STORAGE_POOL", POOL)
         .env("CONTROL_PLANE_MEMORY_MIB", "4096")
         .env("CONTROL_PLANE_ROOT_VOLUME_GIB", "20")
-        .env("WORKER_VCPUS", "2")
+        // One emulated vCPU for a worker: the two cores of this machine go to the control plane
+        // (kubeadm init wants two) while the worker boots.
+        .env("WORKER_VCPUS", "1")
         .env("WORKER_MEMORY_MIB", "2048")
         .env("WORKER_ROOT_VOLUME_GIB", "20")
         .output()
@@ -361,26 +404,41 @@ fn cluster_manifest(
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("utf-8");
+    let timeouts = json!({
+        "controlPlaneComponentHealthCheckSeconds": 1200,
+        "kubeletHealthCheckSeconds": 600,
+        "kubernetesAPICallSeconds": 600,
+        "etcdAPICallSeconds": 600,
+        "tlsBootstrapSeconds": 900,
+        "discoverySeconds": 600,
+    });
+    let patches = json!({"directory": PATCHES});
+    let leases = json!([
+        {"name": "leader-elect-lease-duration", "value": "120s"},
+        {"name": "leader-elect-renew-deadline", "value": "100s"},
+        {"name": "leader-elect-retry-period", "value": "10s"},
+    ]);
     let mut docs = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let mut value: Value = serde::Deserialize::deserialize(doc).expect("YAML");
-        // Under TCG the apiserver takes minutes to start and its first calls are slow.
-        let timeouts = json!({
-                "controlPlaneComponentHealthCheckSeconds": 1200,
-                "kubeletHealthCheckSeconds": 600,
-                "kubernetesAPICallSeconds": 600,
-                "etcdAPICallSeconds": 600,
-                "tlsBootstrapSeconds": 600,
-                "discoverySeconds": 600,
-        });
         if value["kind"] == "KubeadmControlPlane" {
             let spec = &mut value["spec"]["kubeadmConfigSpec"];
             spec["preKubeadmCommands"] = json!([format!("ip addr add {endpoint}/32 dev lo")]);
+            spec["files"] = json!(
+                ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"]
+                    .iter()
+                    .map(|component| probe_patch(component))
+                    .collect::<Vec<_>>()
+            );
             // KubeadmControlPlane wants the same timeouts for init and join.
-            spec["initConfiguration"]["timeouts"] = timeouts.clone();
-            spec["joinConfiguration"]["timeouts"] = timeouts;
+            for phase in ["initConfiguration", "joinConfiguration"] {
+                spec[phase]["timeouts"] = timeouts.clone();
+                spec[phase]["patches"] = patches.clone();
+            }
+            spec["clusterConfiguration"]["controllerManager"]["extraArgs"] = leases.clone();
+            spec["clusterConfiguration"]["scheduler"]["extraArgs"] = leases.clone();
         } else if value["kind"] == "KubeadmConfigTemplate" {
-            value["spec"]["template"]["spec"]["joinConfiguration"]["timeouts"] = timeouts;
+            value["spec"]["template"]["spec"]["joinConfiguration"]["timeouts"] = timeouts.clone();
         }
         if !value.is_null() {
             docs.push(value);
@@ -390,6 +448,24 @@ fn cluster_manifest(
         .map(|d| serde_yaml::to_string(d).expect("YAML"))
         .collect::<Vec<_>>()
         .join("---\n")
+}
+
+/// Where the control-plane machines' kubeadm patches go.
+const PATCHES: &str = "/etc/kubernetes/patches";
+
+/// A kubeadm strategic-merge patch for `component`'s static Pod: ten times the failed probes
+/// kubeadm allows before a restart (its defaults: liveness 8, startup 24, 10 s apart).
+fn probe_patch(component: &str) -> Value {
+    let patch = json!({"spec": {"containers": [{
+        "name": component,
+        "livenessProbe": {"failureThreshold": 80},
+        "startupProbe": {"failureThreshold": 240},
+    }]}});
+    json!({
+        "path": format!("{PATCHES}/{component}+strategic.json"),
+        "content": patch.to_string(),
+        "permissions": "0600",
+    })
 }
 
 /// The bed's Kubernetes version (the node image's kubeadm and kubelet).

@@ -4,7 +4,7 @@
 #
 #   node-image.sh rootfs DIR     a Debian 12 root filesystem (mmdebstrap, Debian's packages
 #                                only): systemd, cloud-init, runc, conntrack, iptables, socat,
-#                                Debian's kernel and CNI plugins; plus the Go-built kubeadm,
+#                                Debian's generic kernel and CNI plugins; plus the Go-built kubeadm,
 #                                kubelet, crictl and containerd 2.x named by the environment
 #                                (CAPL_KUBEADM, CAPL_KUBELET, CAPL_CRICTL, CAPL_CONTAINERD_DIR)
 #                                and their configuration (systemd units, containerd's CRI with
@@ -31,10 +31,12 @@ MIRRORS=(
 	"deb http://deb.debian.org/debian-security $SUITE-security main"
 )
 # Everything a kubeadm node needs from Debian. containerd is not among them: Debian 12's is 1.6,
-# and a 1.36 kubelet needs 2.x (the bed's own build goes in instead).
+# and a 1.36 kubelet needs 2.x (the bed's own build goes in instead). The generic kernel, not the
+# cloud one: the cloud kernel has no AHCI driver, so it never sees the NoCloud seed, which
+# libvirt attaches as a SATA CD-ROM.
 PACKAGES=(
 	systemd systemd-sysv systemd-resolved udev dbus
-	linux-image-cloud-amd64 initramfs-tools
+	linux-image-amd64 initramfs-tools
 	cloud-init cloud-guest-utils e2fsprogs
 	runc conntrack iptables socat ethtool iproute2 kmod
 	containernetworking-plugins ca-certificates procps util-linux netbase
