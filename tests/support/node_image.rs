@@ -387,7 +387,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime",
         Ok(())
     })();
     containerd.stop(Duration::from_secs(10));
-    result.map_err(|e: anyhow::Error| e.context(format!("containerd's log:\n{}", tail(&log, 20))))?;
+    result
+        .map_err(|e: anyhow::Error| e.context(format!("containerd's log:\n{}", tail(&log, 20))))?;
     std::fs::remove_dir_all(&state).ok();
     Ok(())
 }

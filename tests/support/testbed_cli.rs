@@ -73,7 +73,11 @@ fn usage() -> ! {
          run --helm                the same, installed the way users do: the bed with a node, the\n\
                                    image built and imported into its containerd, `helm install`\n\
                                    of the chart (pods use the bed libvirtd's socket); not with\n\
-                                   --driver test"
+                                   --driver test\n\
+         run --workload            the whole way: a kubeadm workload cluster on provider-made\n\
+                                   VMs (the node image built once, the CAPI kubeadm providers,\n\
+                                   a control plane and a worker under TCG); kubectl reaches it\n\
+                                   until Ctrl-C deletes it and tears everything down"
     );
     std::process::exit(2)
 }

@@ -18,6 +18,14 @@
 //! `helm install` of `charts/cluster-api-provider-libvirt` with libvirtd's socket mounted into
 //! the pods; then the same examples and report, plus the pods and the leader's log.
 //!
+//! With `--workload`, the whole way to a workload cluster instead: the bed with the Cluster API
+//! core, kubeadm bootstrap and kubeadm control-plane managers, the real libvirtd with a routed
+//! network this machine reaches, the Kubernetes node image (built once, cached) served over
+//! HTTP, this provider's manager; then `deploy/cluster-template.yaml` through `clusterctl
+//! generate cluster`: a control-plane VM runs `kubeadm init` from its cloud-init, a worker joins,
+//! and the workload cluster answers `kubectl` until Ctrl-C deletes it (the provider removes its
+//! VMs and volumes) and tears everything down.
+//!
 //! Every process dies with this one (they are started with `PR_SET_PDEATHSIG`).
 
 use std::path::{Path, PathBuf};
@@ -54,6 +62,8 @@ struct Options {
     driver: Driver,
     /// Install the provider with its image and Helm chart on a node of the bed.
     helm: bool,
+    /// A kubeadm workload cluster on provider-made VMs.
+    workload: bool,
     /// Flags passed on to the manager process.
     manager_flags: Vec<String>,
 }
@@ -64,6 +74,10 @@ pub fn run(args: &[String]) -> Result<()> {
     if options.helm {
         let runtime = tokio::runtime::Runtime::new()?;
         return runtime.block_on(helm::main_job());
+    }
+    if options.workload {
+        let runtime = tokio::runtime::Runtime::new()?;
+        return runtime.block_on(workload::main_job());
     }
     let Options {
         driver,
@@ -95,12 +109,17 @@ pub fn run(args: &[String]) -> Result<()> {
 fn parse(args: &[String]) -> Result<Options> {
     let mut driver = None;
     let mut helm = false;
+    let mut workload = false;
     let mut rest = Vec::new();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let value = match arg.as_str() {
             "--helm" => {
                 helm = true;
+                continue;
+            }
+            "--workload" => {
+                workload = true;
                 continue;
             }
             "--driver" => args.next().map(String::as_str),
@@ -132,9 +151,16 @@ fn parse(args: &[String]) -> Result<Options> {
             );
         }
     }
+    if workload && (helm || driver.is_some() || !rest.is_empty()) {
+        bail!(
+            "--workload takes no other flag: its guests boot on the bed's real libvirtd and its \
+             manager flags are fixed"
+        );
+    }
     Ok(Options {
         driver: driver.unwrap_or(Driver::Qemu),
         helm,
+        workload,
         manager_flags: rest,
     })
 }
@@ -534,6 +560,156 @@ fn domain_table(host: &capl::libvirt::Host) -> Result<String> {
     Ok(table)
 }
 
+/// `tests/testbed run --workload`: from zero to a kubeadm workload cluster on provider-made VMs.
+mod workload {
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, Result};
+    use kube::api::DeleteParams;
+
+    use super::{NAMESPACE, step};
+    use crate::support::TestBed;
+    use crate::support::capi_objects::capi;
+    use crate::support::workload::{
+        Diagnostics, SHORT, Stage, Workload, bring_up, cluster_manifest, clusterctl,
+    };
+
+    /// The workload cluster's name.
+    const CLUSTER: &str = "w1";
+    /// Workers joined once the control plane stands.
+    const WORKERS: i64 = 1;
+
+    /// Tears the bed down however the job ends.
+    struct Bed(TestBed);
+
+    impl Drop for Bed {
+        fn drop(&mut self) {
+            self.0.shutdown();
+        }
+    }
+
+    pub async fn main_job() -> Result<()> {
+        let started = Instant::now();
+        let signal = tokio::spawn(super::wait_for_signal());
+        let manager = std::env::var("CAPL_MANAGER_BIN")
+            .context("CAPL_MANAGER_BIN is not set (run through tests/testbed)")?;
+        step("starting etcd + kube-apiserver");
+        let bed = Bed(TestBed::start()?);
+        step(
+            "the node image (built once and cached: Debian 12, cloud-init, containerd, kubeadm, \
+             every control-plane image), Cluster API (core, kubeadm bootstrap, kubeadm control \
+             plane), libvirtd with pool `capl-workload` and a routed network this machine \
+             reaches (10.213.41.0/24, no NAT), the image served over HTTP, this provider's manager",
+        );
+        let stage = Stage::start(&bed.0, NAMESPACE, &manager)?;
+        println!(
+            "    node image {} (sha256 {}), served at {}/node.qcow2",
+            stage.image.path.display(),
+            stage.image.sha256,
+            stage.server.url
+        );
+        let client = bed.0.client().await;
+        let spec = stage.cluster(NAMESPACE, CLUSTER, "qemu");
+        step(&format!(
+            "applying deploy/cluster-template.yaml through `clusterctl generate cluster {CLUSTER}` \
+             (one control-plane machine; {WORKERS} worker once it stands)"
+        ));
+        let manifest = cluster_manifest(&bed.0.tools.clusterctl, &spec)?;
+        let applied = bed
+            .0
+            .kubectl_stdin(&["apply", "-n", NAMESPACE, "-f", "-"], &manifest);
+        anyhow::ensure!(
+            applied.status.success(),
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+        print!("{}", String::from_utf8_lossy(&applied.stdout));
+        step(
+            "waiting: each VM boots under TCG, cloud-init runs kubeadm (about 6 minutes for the control plane, 6 more for the worker)",
+        );
+        let diagnose = Diagnostics {
+            client: client.clone(),
+            host: &stage.host,
+            namespace: NAMESPACE.into(),
+        };
+        let workload = Workload {
+            kubectl: bed.0.tools.kubectl.clone(),
+            kubeconfig: bed.0.test_dir(NAMESPACE).join("w1.kubeconfig"),
+        };
+        let up = tokio::select! {
+            up = bring_up(&diagnose, &spec, &workload, WORKERS, |what| {
+                println!("[{:>6.0}s] {what}", started.elapsed().as_secs_f64());
+            }) => up?,
+            _ = signal_or_pending(&signal) => anyhow::bail!("interrupted"),
+        };
+        println!();
+        println!("{}", workload.kubectl(&["get", "nodes", "-o", "wide"]));
+        println!(
+            "{}",
+            workload.kubectl(&["get", "pods", "-n", "kube-system", "-o", "wide"])
+        );
+        println!(
+            "{}",
+            clusterctl(
+                &bed.0.tools.clusterctl,
+                &bed.0.kubeconfig,
+                &["describe", "cluster", CLUSTER, "-n", NAMESPACE],
+            )?
+        );
+        println!(
+            "Node {} carries providerID {} (its LibvirtMachine's). Up in {:.0?}. From another shell:",
+            up.node_name,
+            up.provider_id,
+            started.elapsed()
+        );
+        println!(
+            "  kubectl --kubeconfig {} get nodes          # the workload cluster",
+            workload.kubeconfig.display()
+        );
+        println!(
+            "  KUBECONFIG={} kubectl get cluster,machines,libvirtmachines   # the management cluster",
+            bed.0.kubeconfig.display()
+        );
+        println!("  virsh -c '{}' list --all", stage.uri);
+        println!("  manager log: {}", stage.manager.log().display());
+        println!(
+            "Ctrl-C deletes the Cluster (the provider removes its VMs and volumes) and tears everything down."
+        );
+        let _ = signal.await;
+
+        step("deleting the Cluster");
+        capi(&client, NAMESPACE, "Cluster")
+            .delete(CLUSTER, &DeleteParams::default())
+            .await?;
+        diagnose
+            .wait("the Cluster to be gone", SHORT * 2, || async {
+                capi(&client, NAMESPACE, "Cluster")
+                    .get_opt(CLUSTER)
+                    .await
+                    .ok()?
+                    .is_none()
+                    .then_some(())
+            })
+            .await?;
+        println!(
+            "    domains left: {:?}",
+            crate::support::guest_host::domains(&stage.host)?
+        );
+        step("tearing down");
+        drop(stage);
+        drop(bed);
+        step("the bed is down");
+        Ok(())
+    }
+
+    /// Resolves once the signal task has finished (Ctrl-C or SIGTERM).
+    async fn signal_or_pending(signal: &tokio::task::JoinHandle<()>) {
+        while !signal.is_finished() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 /// `tests/testbed run --helm`: the provider installed the way users install it.
 mod helm {
     use std::path::Path;
@@ -915,6 +1091,7 @@ mod tests {
             Options {
                 driver: Driver::Qemu,
                 helm: false,
+                workload: false,
                 manager_flags: args("--sync-period=1m"),
             }
         );
@@ -945,5 +1122,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("no manager flags"), "{error}");
+    }
+
+    #[test]
+    fn workload_takes_no_other_flag() {
+        assert!(parse(&args("--workload")).unwrap().workload);
+        for other in [
+            "--helm",
+            "--driver qemu",
+            "--driver=test",
+            "--sync-period=1m",
+        ] {
+            let error = parse(&args(&format!("--workload {other}")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("--workload takes no other flag"),
+                "{other}: {error}"
+            );
+        }
     }
 }
