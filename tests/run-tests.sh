@@ -18,7 +18,7 @@ step "cargo fmt --check"
 cargo fmt --all --check
 
 step "cargo clippy"
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --all-targets --all-features -- -D warnings
 
 step "real components of the test bed"
 cargo run --locked --quiet --example testbed -- versions

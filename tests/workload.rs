@@ -1,17 +1,20 @@
 //! The whole way: a workload cluster made by Cluster API with this provider, offline, on one
-//! machine.
+//! machine. Run it with `tests/run-workload-e2e.sh` (15-20 minutes of both cores under TCG: not
+//! part of README's test command; the `workload-e2e` feature builds it).
 //!
 //! The bed's management plane runs the real Cluster API core, kubeadm bootstrap and kubeadm
 //! control-plane managers and this provider's `manager`; the cluster comes from
-//! `deploy/cluster-template.yaml` through `clusterctl generate cluster`. The provider downloads
-//! the node image (`support::node_image`, `tests/testbed node-image`: Debian 12, cloud-init,
-//! containerd, kubeadm and every control-plane image pre-imported) over HTTP from the host, verifies its sha256 and
-//! boots a VM on the bed's real libvirtd (TCG unless `CAPL_WORKLOAD_DOMAIN_TYPE=kvm`). The VM's
-//! cloud-init runs `kubeadm init` from the KubeadmConfig's bootstrap data; the workload
+//! `deploy/cluster-template.yaml` through `clusterctl generate cluster`
+//! ([`support::workload::cluster_manifest`]). The provider downloads the node image
+//! (`support::node_image`, `tests/testbed node-image`: Debian 12, cloud-init, containerd,
+//! kubeadm and every control-plane image pre-imported) over HTTP from the host, verifies its
+//! sha256 and boots a VM on the bed's real libvirtd (TCG unless `CAPL_WORKLOAD_DOMAIN_TYPE=kvm`).
+//! The VM's cloud-init runs `kubeadm init` from the KubeadmConfig's bootstrap data; the workload
 //! apiserver answers through the cluster's kubeconfig Secret, the Node carries the
-//! LibvirtMachine's providerID, Cluster API sets the Machine's nodeRef and the Cluster turns
-//! Available. Then a worker joins (`CAPL_WORKLOAD_WORKERS`, default 1; 0 skips it), and
-//! deleting the Cluster removes every VM and every machine volume.
+//! LibvirtMachine's providerID, Cluster API sets the Machine's nodeRef and providerID, the
+//! Cluster turns Available and the Machine Ready ([`support::workload::bring_up`]). Then a
+//! worker joins (`CAPL_WORKLOAD_WORKERS`, default 1; 0 leaves it out), `clusterctl describe
+//! cluster` shows the tree, and deleting the Cluster removes every VM and every machine volume.
 //!
 //! On a failed wait the test prints the guests' serial console tails (read through the
 //! provider's own libvirt code) and the objects' conditions.

@@ -51,6 +51,20 @@ impl Provider {
         }
     }
 
+    /// Flags for the bed's workload clusters, whose guests run under TCG: the control-plane
+    /// provider reaches each member's etcd through the workload apiserver and the kubelet
+    /// (a port-forward), which an emulated machine answers in tens of seconds, not the 10-15 s
+    /// the defaults allow (missed calls leave the Machine's `Ready` unknown).
+    fn extra_args(self) -> &'static [&'static str] {
+        match self {
+            Self::KubeadmControlPlane => &[
+                "--etcd-dial-timeout-duration=60s",
+                "--etcd-call-timeout-duration=60s",
+            ],
+            Self::Core | Self::KubeadmBootstrap => &[],
+        }
+    }
+
     fn binary(self, tools: &Tools) -> PathBuf {
         match self {
             Self::Core => tools.capi_manager.clone(),
@@ -151,7 +165,8 @@ impl CapiCore {
             ))
             .arg("--insecure-diagnostics")
             .arg("--leader-elect=false")
-            .arg("--v=2");
+            .arg("--v=2")
+            .args(provider.extra_args());
         let log = dir.join(format!("{}.log", provider.name()));
         let mut proc = Proc::spawn(provider.name(), cmd, &log, lifetime)?;
         poll(

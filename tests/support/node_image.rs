@@ -78,10 +78,13 @@ pub fn node_image() -> Result<NodeImage> {
         return read(Path::new(&dir));
     }
     let out = cache_entry()?;
-    if out.join("node.qcow2.sha256").exists() {
-        return read(&out);
+    // One build at a time per cache (a test and `tests/testbed` may ask at once); the second
+    // finds the first's result.
+    let lock = std::fs::File::create(cache_dir()?.join("node-image.lock"))?;
+    lock.lock().context("locking the node image cache")?;
+    if !out.join("node.qcow2.sha256").exists() {
+        build(&out)?;
     }
-    build(&out)?;
     read(&out)
 }
 
@@ -125,7 +128,11 @@ fn build(out: &Path) -> Result<()> {
     let mut timings = Timings::default();
     timings.run("tools (install.sh --workload)", install_tools)?;
     let tools = Tools::locate()?;
-    let work = out.with_extension("work");
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("the cache entry has no name")?;
+    let work = out.with_file_name(format!("{name}.work"));
     if work.exists() {
         std::fs::remove_dir_all(&work)?;
     }
@@ -190,7 +197,24 @@ fn build(out: &Path) -> Result<()> {
     }
     std::fs::rename(&result, out)?;
     std::fs::remove_dir_all(&work)?;
+    prune_siblings(out);
     Ok(())
+}
+
+/// Removes the other entries of the cache's `node-image` dir: images of earlier pins or earlier
+/// versions of this builder (1.5-2 GiB each), and work dirs of interrupted builds.
+fn prune_siblings(keep: &Path) {
+    let Some(parent) = keep.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path != keep {
+            eprintln!("[node-image] removing the stale {}", path.display());
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 fn install_tools() -> Result<()> {

@@ -696,7 +696,7 @@ async fn machines_ready(diagnose: &Diagnostics<'_>, ns: &str, count: usize) -> R
     diagnose
         .wait(
             &format!("{count} Machine(s) Ready with a nodeRef"),
-            SHORT,
+            SHORT * 2,
             || async {
                 let list = capi(&diagnose.client, ns, "Machine")
                     .list(&Default::default())

@@ -191,10 +191,13 @@ net.ipv4.ip_forward = 1
 net.bridge.bridge-nf-call-iptables = 1
 net.bridge.bridge-nf-call-ip6tables = 1
 EOT
-	# NoCloud is the provider's datasource: probing the others costs minutes of timeouts.
+	# NoCloud is the provider's datasource: probing the others costs minutes of timeouts. No
+	# locale to generate (the image has C.UTF-8 only) and no SSH host keys (no SSH server).
 	write "$dir/etc/cloud/cloud.cfg.d/90-capl.cfg" 0644 <<'YAML'
 datasource_list: [NoCloud, None]
 manage_etc_hosts: true
+locale: C.UTF-8
+ssh_genkeytypes: []
 YAML
 	write "$dir/etc/fstab" 0644 <<EOT
 LABEL=$ROOT_LABEL / ext4 defaults,discard 0 1
