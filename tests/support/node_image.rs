@@ -95,6 +95,10 @@ fn cache_entry() -> Result<PathBuf> {
     hasher.update(&pins);
     hasher.update(std::fs::read(script())?);
     hasher.update(include_str!("node_image.rs"));
+    // The sandbox image is the bed's pause program, built from source.
+    for file in ["go.mod", "main.go"] {
+        hasher.update(std::fs::read(repo().join("tests/tools/pause").join(file))?);
+    }
     let key = format!("{:x}", hasher.finalize());
     let kubernetes = pins
         .lines()
@@ -252,20 +256,16 @@ fn image_list(tools: &Tools) -> Result<Vec<String>> {
 
 /// `registry.k8s.io/coredns/coredns:v1.14.2` → `registry.k8s.io/coredns/coredns`.
 fn repository(reference: &str) -> &str {
-    match reference.rsplit_once(':') {
-        Some((repo, tag)) if !tag.contains('/') => repo,
-        _ => reference,
-    }
-}
-
-fn tag(reference: &str) -> &str {
-    reference[repository(reference).len()..].trim_start_matches(':')
+    reference
+        .strip_suffix(super::oci::tag_of(reference))
+        .and_then(|r| r.strip_suffix(':'))
+        .unwrap_or(reference)
 }
 
 /// One image kubeadm names, from the pinned build that is that component at that version.
 fn write_image(tools: &Tools, reference: &str, iptables: &Path, out: &Path) -> Result<()> {
     let name = repository(reference).rsplit('/').next().unwrap_or_default();
-    let tag = tag(reference);
+    let tag = super::oci::tag_of(reference);
     let kubernetes = &tools.versions.kubernetes;
     // (binary, path in the image, entrypoint)
     let (binary, path, entrypoint): (&Path, String, Vec<String>) = match name {

@@ -494,7 +494,7 @@ impl ImageConfig {
 }
 
 /// The tag of `reference` (`name:tag` → `tag`), or the whole reference if it has none.
-fn tag_of(reference: &str) -> &str {
+pub fn tag_of(reference: &str) -> &str {
     let last = reference.rsplit('/').next().unwrap_or(reference);
     match last.split_once(':') {
         Some((_, tag)) if !last.contains('@') => tag,
