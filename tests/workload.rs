@@ -23,12 +23,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
 
 use capl::api::LibvirtMachine;
-use support::capi_objects::{capi, namespace};
+use support::capi_objects::namespace;
 use support::workload::{
-    Diagnostics, POOL, SHORT, Stage, Workload, bring_up, cluster_manifest, clusterctl,
+    Diagnostics, Stage, Workload, bring_up, cluster_manifest, clusterctl, machine_volumes,
 };
 
 const NS: &str = "workload";
@@ -110,19 +110,8 @@ async fn a_kubeadm_control_plane_on_a_provider_made_vm_becomes_the_workload_clus
 
     // Delete removes every VM and every machine volume (the verified base image stays, shared by
     // future machines of any cluster in this pool).
-    capi(&client, NS, "Cluster")
-        .delete(CLUSTER, &DeleteParams::default())
-        .await
-        .expect("deleting the Cluster");
     diagnose
-        .wait("the Cluster to be gone", SHORT * 2, || async {
-            capi(&client, NS, "Cluster")
-                .get_opt(CLUSTER)
-                .await
-                .ok()?
-                .is_none()
-                .then_some(())
-        })
+        .delete_cluster(CLUSTER)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     mark("Cluster deleted");
@@ -132,11 +121,7 @@ async fn a_kubeadm_control_plane_on_a_provider_made_vm_becomes_the_workload_clus
         .filter(|d| d.starts_with(&format!("{NS}_")))
         .collect();
     assert_eq!(domains, Vec::<String>::new(), "no domain left");
-    let left: Vec<String> = support::guest_host::volumes(&stage.host, POOL)
-        .expect("volumes")
-        .into_iter()
-        .filter(|v| !v.starts_with("capl-base-"))
-        .collect();
+    let left = machine_volumes(&stage.host).expect("volumes");
     assert_eq!(left, Vec::<String>::new(), "no machine volume left");
 
     println!("timings:");

@@ -3,7 +3,9 @@
 //! - Children of a test binary are spawned from one long-lived "keeper" thread with
 //!   `PR_SET_PDEATHSIG = SIGKILL`: the kernel kills them when the test process dies, however it
 //!   dies (panic, failed test, SIGKILL). The signal is tied to the spawning *thread*, which is why
-//!   test threads (short-lived) never spawn them directly.
+//!   test threads (short-lived) never spawn them directly. Each gets a process group of its own,
+//!   so the terminal's Ctrl-C (sent to the foreground group) reaches only the launcher, which
+//!   may still need them for an orderly end (`tests/testbed run --workload` deletes its Cluster).
 //! - Orderly teardown (SIGTERM, then SIGKILL; temp dirs removed) runs at process exit through
 //!   [`at_exit`], because libtest exits without dropping statics such as the shared bed.
 //! - `Lifetime::Detached` children (the `tests/testbed up` shell face) get their own session and
@@ -52,6 +54,7 @@ impl Proc {
         let described = format!("{cmd:?}");
         let child = match lifetime {
             Lifetime::TestProcess => {
+                cmd.process_group(0);
                 // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
                 unsafe {
                     cmd.pre_exec(|| {

@@ -565,13 +565,11 @@ mod workload {
     use std::time::{Duration, Instant};
 
     use anyhow::{Context, Result};
-    use kube::api::DeleteParams;
 
     use super::{NAMESPACE, step};
     use crate::support::TestBed;
-    use crate::support::capi_objects::capi;
     use crate::support::workload::{
-        Diagnostics, SHORT, Stage, Workload, bring_up, cluster_manifest, clusterctl,
+        Diagnostics, Stage, Up, Workload, bring_up, cluster_manifest, clusterctl, machine_volumes,
     };
 
     /// The workload cluster's name.
@@ -636,12 +634,54 @@ mod workload {
             kubectl: bed.0.tools.kubectl.clone(),
             kubeconfig: bed.0.test_dir(NAMESPACE).join("w1.kubeconfig"),
         };
-        let up = tokio::select! {
+        let applied_at = Instant::now();
+        let outcome = tokio::select! {
             up = bring_up(&diagnose, &spec, &workload, WORKERS, |what| {
-                println!("[{:>6.0}s] {what}", started.elapsed().as_secs_f64());
-            }) => up?,
-            _ = signal_or_pending(&signal) => anyhow::bail!("interrupted"),
+                println!("[{:>6.0}s] {what}", applied_at.elapsed().as_secs_f64());
+            }) => Some(up),
+            _ = signal_or_pending(&signal) => None,
         };
+        let result = match outcome {
+            Some(Ok(up)) => match show(&bed.0, &stage, &workload, &up, started) {
+                Ok(()) => {
+                    let _ = signal.await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            Some(Err(e)) => Err(e),
+            None => Err(anyhow::anyhow!("interrupted")),
+        };
+
+        // However the wait ended, the Cluster goes the way users delete one: Cluster API drains
+        // and deletes the Machines, the provider removes each VM and its volumes.
+        step("deleting the Cluster (Ctrl-C again skips the wait)");
+        let deleting = Instant::now();
+        let deleted = tokio::select! {
+            deleted = diagnose.delete_cluster(CLUSTER) => deleted,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted while deleting")),
+        };
+        println!(
+            "    after {:.0?}: domains left {:?}, machine volumes left {:?}",
+            deleting.elapsed(),
+            crate::support::guest_host::domains(&stage.host)?,
+            machine_volumes(&stage.host)?
+        );
+        step("tearing down");
+        drop(stage);
+        drop(bed);
+        step("the bed is down");
+        result.and(deleted)
+    }
+
+    /// What stands, and how to reach it from another shell.
+    fn show(
+        bed: &TestBed,
+        stage: &Stage,
+        workload: &Workload,
+        up: &Up,
+        started: Instant,
+    ) -> Result<()> {
         println!();
         println!("{}", workload.kubectl(&["get", "nodes", "-o", "wide"]));
         println!(
@@ -651,8 +691,8 @@ mod workload {
         println!(
             "{}",
             clusterctl(
-                &bed.0.tools.clusterctl,
-                &bed.0.kubeconfig,
+                &bed.tools.clusterctl,
+                &bed.kubeconfig,
                 &["describe", "cluster", CLUSTER, "-n", NAMESPACE],
             )?
         );
@@ -668,37 +708,13 @@ mod workload {
         );
         println!(
             "  KUBECONFIG={} kubectl get cluster,machines,libvirtmachines   # the management cluster",
-            bed.0.kubeconfig.display()
+            bed.kubeconfig.display()
         );
         println!("  virsh -c '{}' list --all", stage.uri);
         println!("  manager log: {}", stage.manager.log().display());
         println!(
             "Ctrl-C deletes the Cluster (the provider removes its VMs and volumes) and tears everything down."
         );
-        let _ = signal.await;
-
-        step("deleting the Cluster");
-        capi(&client, NAMESPACE, "Cluster")
-            .delete(CLUSTER, &DeleteParams::default())
-            .await?;
-        diagnose
-            .wait("the Cluster to be gone", SHORT * 2, || async {
-                capi(&client, NAMESPACE, "Cluster")
-                    .get_opt(CLUSTER)
-                    .await
-                    .ok()?
-                    .is_none()
-                    .then_some(())
-            })
-            .await?;
-        println!(
-            "    domains left: {:?}",
-            crate::support::guest_host::domains(&stage.host)?
-        );
-        step("tearing down");
-        drop(stage);
-        drop(bed);
-        step("the bed is down");
         Ok(())
     }
 

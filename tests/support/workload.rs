@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
@@ -472,6 +472,15 @@ impl Workload {
     }
 }
 
+/// The volumes in [`POOL`] that belong to machines: all but the verified base images, which
+/// stay to be shared by future machines of any cluster in the pool.
+pub fn machine_volumes(host: &capl::libvirt::Host) -> Result<Vec<String>> {
+    Ok(super::guest_host::volumes(host, POOL)?
+        .into_iter()
+        .filter(|v| !v.starts_with("capl-base-"))
+        .collect())
+}
+
 /// Waits, and on a timeout prints what tells why (the guests' console tails as the provider
 /// reads them, the objects' conditions) before failing.
 pub struct Diagnostics<'a> {
@@ -497,6 +506,20 @@ impl Diagnostics<'_> {
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
+    }
+
+    /// Deletes the Cluster `name` the way users do and waits until it is gone: Cluster API
+    /// drains and deletes its Machines, the provider removes each VM and its volumes.
+    pub async fn delete_cluster(&self, name: &str) -> Result<()> {
+        let clusters = capi(&self.client, &self.namespace, "Cluster");
+        clusters
+            .delete(name, &DeleteParams::default())
+            .await
+            .with_context(|| format!("deleting Cluster {name}"))?;
+        self.wait("the Cluster to be gone", SHORT * 2, || async {
+            clusters.get_opt(name).await.ok()?.is_none().then_some(())
+        })
+        .await
     }
 
     /// The guests' console tails (as the provider reads them) and the objects' conditions.

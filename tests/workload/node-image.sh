@@ -268,7 +268,7 @@ disk() {
 
 	# Boot partition: FAT with SYSLINUX, the kernel and initrd. Hidden sectors = its start, so
 	# SYSLINUX finds itself on the partitioned disk.
-	PATH="$PATH:/sbin:/usr/sbin" mkfs.vfat -n CAPLBOOT -h 2048 -C "$work/boot.img" $((boot_mib * 1024)) >&2
+	PATH="$PATH:/sbin:/usr/sbin" mkfs.vfat -n CAPLBOOT -h 2048 -C "$work/boot.img" $((boot_mib * 1024)) >/dev/null
 	cat >"$work/syslinux.cfg" <<CFG
 DEFAULT node
 PROMPT 0
@@ -286,7 +286,7 @@ CFG
 	syslinux --install "$work/boot.img"
 
 	# Root partition: ext4 made from the tree directly (no mount).
-	PATH="$PATH:/sbin:/usr/sbin" mkfs.ext4 -q -L "$ROOT_LABEL" -d "$root" "$work/root.img" "${root_mib}M" >&2
+	PATH="$PATH:/sbin:/usr/sbin" mkfs.ext4 -q -L "$ROOT_LABEL" -d "$root" "$work/root.img" "${root_mib}M" >/dev/null
 
 	local total=$((1 + boot_mib + root_mib))
 	truncate -s $((total * mib)) "$work/disk.raw"
