@@ -52,9 +52,27 @@ pub struct ControlPlane {
     apiserver: (PathBuf, Vec<String>, Lifetime),
 }
 
-/// A free TCP port on 127.0.0.1 (the OS picks it; the small race with other binds is accepted).
+/// Ports [`free_port`] hands out: below Linux's ephemeral range (32768–60999), so that no
+/// outgoing connection takes one between the check and the server's own bind (a port the OS
+/// picked for `:0` is in that range, and lost that race under load: "bind: address already in
+/// use").
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A TCP port free on every address, never handed out twice by this process. Each process
+/// starts at its own offset, so concurrent beds rarely probe the same ports.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
+    let span = PORTS.end - PORTS.start;
+    let mut next = NEXT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..span {
+        let offset = next.unwrap_or_else(|| (std::process::id() % u32::from(span)) as u16);
+        *next = Some((offset + 1) % span);
+        let port = PORTS.start + offset;
+        if TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port in {PORTS:?}")
 }
 
 impl ControlPlane {
