@@ -630,3 +630,40 @@ spec:
         &["delete", "namespace", "node-restricted", "--wait=false"],
     );
 }
+
+/// The terminal's Ctrl-C goes to its foreground process group; the bed's children must not be in
+/// it, or `tests/testbed run --workload` loses its apiserver before it can delete its Cluster.
+#[test]
+fn bed_children_have_a_process_group_of_their_own() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("60");
+    let mut child = support::process::Proc::spawn(
+        "sleep",
+        cmd,
+        &dir.path().join("sleep.log"),
+        support::process::Lifetime::TestProcess,
+    )
+    .expect("spawning sleep");
+    let pid = child.pid() as libc::pid_t;
+    // SAFETY: getpgid and getpgrp only read process attributes.
+    let (group, ours) = unsafe { (libc::getpgid(pid), libc::getpgrp()) };
+    child.stop(Duration::from_secs(1));
+    assert_eq!(group, pid, "the child leads its own process group");
+    assert_ne!(group, ours, "not the test process's group");
+}
+
+/// Ports the bed hands out are distinct and below the ephemeral range, where no outgoing
+/// connection can take one before its server binds it.
+#[test]
+fn free_ports_are_distinct_and_below_the_ephemeral_range() {
+    let ports: Vec<u16> = (0..64)
+        .map(|_| support::apiserver::free_port().expect("a port"))
+        .collect();
+    let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+    assert!(
+        ports.iter().all(|p| (20_000..32_000).contains(p)),
+        "{ports:?}"
+    );
+}
