@@ -642,16 +642,13 @@ mod workload {
             _ = signal_or_pending(&signal) => None,
         };
         let result = match outcome {
-            Some(Ok(up)) => match show(&bed.0, &stage, &workload, &up, started) {
-                Ok(()) => {
-                    let _ = signal.await;
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            },
-            Some(Err(e)) => Err(e),
+            Some(up) => up.and_then(|up| show(&bed.0, &stage, &workload, &up, started)),
             None => Err(anyhow::anyhow!("interrupted")),
         };
+        if result.is_ok() {
+            // Everything stands until Ctrl-C.
+            let _ = signal.await;
+        }
 
         // However the wait ended, the Cluster goes the way users delete one: Cluster API drains
         // and deletes the Machines, the provider removes each VM and its volumes.
